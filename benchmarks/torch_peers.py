@@ -1,0 +1,322 @@
+"""Times the PyTorch peers of our models, the way timm's `benchmark.py` does.
+
+Users choose a framework by images per second, so our JAX numbers only mean something
+next to what the same models reach in PyTorch on the same device in the same run. This
+script times torchvision's ResNet-50, MobileNetV3-Large and EfficientNet-B0 and the
+PyTorch twin of MSFF-EComNet (`benchmarks/msff_torch.py`) as timm does: synthetic data
+already on the device, channels-last memory format, bfloat16 autocast, `torch.compile`
+on and off, warm-up steps excluded, `torch.cuda.synchronize` around the timed region,
+and the median over repeated timed rounds.
+
+- Train step: forward, cross-entropy loss, backward, SGD (momentum 0.9, Nesterov) step.
+- Inference: forward under `torch.inference_mode()` in eval mode.
+
+Rows are appended to a CSV in the column order the JAX benchmark writes (timm's columns
+plus framework, device, dtype, mfu, compile_s), so one table compares both frameworks.
+A model that fails (under `torch.compile`, say) is reported on stderr and gets a row with
+its measurement columns left empty; the others still run.
+
+torch is not a dependency of the `msff_jax` package: install it with
+`pip install -r requirements-torch.txt`.
+
+    python benchmarks/torch_peers.py --batch_size 256 --compile both --csv bench.csv
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import csv
+import statistics
+import sys
+import time
+import traceback
+from pathlib import Path
+from typing import Callable, Dict, List, Optional, Sequence
+
+import torch
+import torch.nn as nn
+import torchvision
+
+if __package__ in (None, ""):
+    # Run as a script: make the repository (msff_jax, benchmarks) importable.
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks import msff_torch  # noqa: E402
+
+CSV_COLUMNS = (
+    "model",
+    "infer_samples_per_sec",
+    "infer_step_time",
+    "infer_batch_size",
+    "train_samples_per_sec",
+    "train_step_time",
+    "train_batch_size",
+    "param_count",
+    "gmacs",
+    "framework",
+    "device",
+    "dtype",
+    "mfu",
+    "compile_s",
+)
+
+MODEL_BUILDERS: Dict[str, Callable[[int], nn.Module]] = {
+    "resnet50": lambda n: torchvision.models.resnet50(weights=None, num_classes=n),
+    "mobilenet_v3_large": lambda n: torchvision.models.mobilenet_v3_large(
+        weights=None, num_classes=n
+    ),
+    "efficientnet_b0": lambda n: torchvision.models.efficientnet_b0(
+        weights=None, num_classes=n
+    ),
+    "msff_ecomnet": lambda n: msff_torch.MSFFEComNet(num_classes=n),
+}
+
+# Dense peak FLOP/s by device-name fragment, first match wins (PCIe before the generic
+# H100 entry). "float32" is the plain FP32 peak; "tf32" applies when --tf32 is given.
+PEAK_FLOPS = (
+    ("H100 PCIe", {"bfloat16": 756e12, "tf32": 378e12, "float32": 51e12}),
+    ("H100", {"bfloat16": 989e12, "tf32": 494e12, "float32": 67e12}),
+    ("H200", {"bfloat16": 989e12, "tf32": 494e12, "float32": 67e12}),
+)
+
+
+def peak_flops(device_name: str, precision: str) -> Optional[float]:
+    """Dense peak FLOP/s of a known device for `precision`, else None."""
+    for fragment, peaks in PEAK_FLOPS:
+        if fragment in device_name:
+            return peaks.get(precision)
+    return None
+
+
+def build_model(name: str, num_classes: int) -> nn.Module:
+    if name not in MODEL_BUILDERS:
+        raise ValueError(f"unknown model {name!r}; known: {sorted(MODEL_BUILDERS)}")
+    return MODEL_BUILDERS[name](num_classes)
+
+
+def count_forward_flops(model: nn.Module, image_size: int, device: torch.device) -> int:
+    """FLOPs of one forward pass on one image (multiply-add = 2), eval mode, float32."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    model.eval()
+    image = torch.randn(1, 3, image_size, image_size, device=device)
+    counter = FlopCounterMode(display=False)
+    with counter, torch.no_grad():
+        model(image)
+    return int(counter.get_total_flops())
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def median_step_seconds(
+    step: Callable[[], object], device: torch.device, steps: int, repeats: int
+) -> float:
+    """Median over `repeats` rounds of (round wall time / steps)."""
+    per_step = []
+    for _ in range(repeats):
+        synchronize(device)
+        start = time.perf_counter()
+        for _ in range(steps):
+            step()
+        synchronize(device)
+        per_step.append((time.perf_counter() - start) / steps)
+    return statistics.median(per_step)
+
+
+def autocast_context(device: torch.device, dtype: str):
+    if dtype == "bfloat16":
+        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def benchmark_model(
+    name: str,
+    *,
+    compile_model: bool,
+    args: argparse.Namespace,
+    device: torch.device,
+    device_name: str,
+) -> Dict[str, object]:
+    """Measures one model in one compile setting; returns a CSV row."""
+    framework = "pytorch+compile" if compile_model else "pytorch"
+    precision = "tf32" if (args.dtype == "float32" and args.tf32) else args.dtype
+    row: Dict[str, object] = {column: "" for column in CSV_COLUMNS}
+    row.update(model=name, framework=framework, device=device_name, dtype=precision)
+
+    torch.manual_seed(args.seed)
+    model = build_model(name, args.num_classes).to(device)
+    row["param_count"] = round(sum(p.numel() for p in model.parameters()) / 1e6, 4)
+    forward_flops = count_forward_flops(model, args.image_size, device)
+    row["gmacs"] = round(forward_flops / 2 / 1e9, 4)
+    model = model.to(memory_format=torch.channels_last)
+    runnable = torch.compile(model) if compile_model else model
+
+    batch = args.batch_size
+    images = torch.randn(batch, 3, args.image_size, args.image_size, device=device)
+    images = images.contiguous(memory_format=torch.channels_last)
+    labels = torch.randint(0, args.num_classes, (batch,), device=device)
+    loss_fn = nn.CrossEntropyLoss()
+    optimizer = torch.optim.SGD(
+        model.parameters(), lr=args.learning_rate, momentum=0.9, nesterov=True
+    )
+
+    def infer_step():
+        with torch.inference_mode(), autocast_context(device, args.dtype):
+            return runnable(images)
+
+    def train_step():
+        optimizer.zero_grad(set_to_none=True)
+        with autocast_context(device, args.dtype):
+            loss = loss_fn(runnable(images), labels)
+        loss.backward()
+        optimizer.step()
+        return loss
+
+    first_calls = 0.0
+    model.eval()
+    synchronize(device)
+    start = time.perf_counter()
+    infer_step()
+    synchronize(device)
+    first_calls += time.perf_counter() - start
+    for _ in range(args.warmup):
+        infer_step()
+    infer_seconds = median_step_seconds(infer_step, device, args.steps, args.repeats)
+
+    model.train()
+    synchronize(device)
+    start = time.perf_counter()
+    train_step()
+    synchronize(device)
+    first_calls += time.perf_counter() - start
+    for _ in range(args.warmup):
+        train_step()
+    train_seconds = median_step_seconds(train_step, device, args.steps, args.repeats)
+
+    train_rate = batch / train_seconds
+    row.update(
+        infer_samples_per_sec=round(batch / infer_seconds, 2),
+        infer_step_time=round(infer_seconds * 1e3, 3),
+        infer_batch_size=batch,
+        train_samples_per_sec=round(train_rate, 2),
+        train_step_time=round(train_seconds * 1e3, 3),
+        train_batch_size=batch,
+    )
+    if compile_model:
+        # First inference call plus first train call: dominated by compilation.
+        row["compile_s"] = round(first_calls, 2)
+    peak = peak_flops(device_name, precision)
+    if peak is not None:
+        # A train step costs about three forwards (forward, input and weight gradients).
+        row["mfu"] = round(3 * forward_flops * train_rate / peak, 4)
+    return row
+
+
+def append_rows(path: Path, rows: Sequence[Dict[str, object]]) -> None:
+    """Appends rows, writing the header first for a new or empty file.
+
+    An existing file with a different header is refused rather than silently mixed.
+    """
+    if path.exists() and path.stat().st_size > 0:
+        with path.open(newline="") as existing:
+            header = next(csv.reader(existing), [])
+        if tuple(header) != CSV_COLUMNS:
+            raise ValueError(
+                f"{path}: header {header} differs from the expected columns "
+                f"{list(CSV_COLUMNS)}; write to a new file"
+            )
+        write_header = False
+    else:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_header = True
+    with path.open("a", newline="") as out:
+        writer = csv.DictWriter(out, fieldnames=CSV_COLUMNS)
+        if write_header:
+            writer.writeheader()
+        writer.writerows(rows)
+
+
+def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument(
+        "--models",
+        nargs="+",
+        default=list(MODEL_BUILDERS),
+        choices=list(MODEL_BUILDERS),
+        help="models to time (default: all)",
+    )
+    parser.add_argument("--batch_size", type=int, default=256)
+    parser.add_argument("--image_size", type=int, default=224)
+    parser.add_argument("--num_classes", type=int, default=15)
+    parser.add_argument("--warmup", type=int, default=10, help="untimed steps")
+    parser.add_argument("--steps", type=int, default=20, help="steps per timed round")
+    parser.add_argument("--repeats", type=int, default=5, help="timed rounds (median)")
+    parser.add_argument("--compile", choices=("on", "off", "both"), default="both")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--dtype", choices=("bfloat16", "float32"), default="bfloat16")
+    parser.add_argument(
+        "--tf32", action="store_true", help="allow TF32 matmuls/convs for float32"
+    )
+    parser.add_argument("--learning_rate", type=float, default=0.1)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--csv", type=Path, default=None, help="append rows to this CSV")
+    args = parser.parse_args(argv)
+    for flag in ("batch_size", "image_size", "num_classes", "steps", "repeats"):
+        if getattr(args, flag) < 1:
+            parser.error(f"--{flag} must be at least 1")
+    if args.warmup < 0:
+        parser.error("--warmup must be at least 0")
+    return args
+
+
+def main(argv: Optional[Sequence[str]] = None) -> List[Dict[str, object]]:
+    """Runs the benchmark; returns the rows it wrote (failed runs included)."""
+    args = parse_args(argv)
+    device = torch.device(args.device)
+    device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    torch.backends.cudnn.benchmark = True
+    torch.backends.cuda.matmul.allow_tf32 = args.tf32
+    torch.backends.cudnn.allow_tf32 = args.tf32
+    compile_settings = {"on": [True], "off": [False], "both": [False, True]}[args.compile]
+
+    rows = []
+    for name in args.models:
+        for compile_model in compile_settings:
+            try:
+                row = benchmark_model(
+                    name,
+                    compile_model=compile_model,
+                    args=args,
+                    device=device,
+                    device_name=device_name,
+                )
+            except Exception as error:  # noqa: BLE001: one failure must not stop the rest
+                traceback.print_exc()
+                print(
+                    f"torch_peers: {name} (compile={compile_model}) failed: "
+                    f"{type(error).__name__}: {error}",
+                    file=sys.stderr,
+                )
+                row = {column: "" for column in CSV_COLUMNS}
+                row.update(
+                    model=name,
+                    framework="pytorch+compile" if compile_model else "pytorch",
+                    device=device_name,
+                    dtype=args.dtype,
+                )
+            finally:
+                if device.type == "cuda":
+                    torch.cuda.empty_cache()
+            rows.append(row)
+            print(", ".join(f"{k}={row[k]}" for k in CSV_COLUMNS), flush=True)
+            if args.csv is not None:
+                append_rows(args.csv, [row])
+    return rows
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,247 @@
+"""Image ops of the input pipeline, one per function, on encoded bytes and uint8 arrays.
+
+Images stay uint8 from decode to device (4x less host memory and transfer than float32);
+the trainer normalises on the device.
+
+Decode and resize are nearly all of the pipeline's CPU time, so:
+- Both crops choose their window from the image header alone (PIL reads only the
+  header on `Image.open`), then decode *reduced*: libjpeg decodes at 1/2, 1/4 or 1/8
+  scale for a fraction of the cost whenever the crop is at least twice the output size,
+  never below what the output needs (same output size, nearly the same pixels).
+- Two backends do the pixel work. `cv2` (OpenCV: `imdecode` with `IMREAD_REDUCED_*`,
+  `resize` bilinear) is about twice as fast per image as `pil` (Pillow: `Image.draft`,
+  antialiased `resize`) and is the default when installed; `pil` needs nothing beyond
+  Pillow. Over 2x downscaling never happens (the reduced decode sees to that), so
+  OpenCV's lack of antialiasing costs nothing here.
+
+PNG and other formats decode at full size.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+
+import numpy as np
+from PIL import Image
+
+try:
+    import cv2
+except ImportError:  # OpenCV is optional; Pillow does the same work more slowly.
+    cv2 = None
+else:
+    # Parallelism comes from the reader's workers; OpenCV's own thread pool would only
+    # oversubscribe the cores.
+    cv2.setNumThreads(1)
+
+DEFAULT_SCALE = (0.08, 1.0)
+DEFAULT_RATIO = (3.0 / 4.0, 4.0 / 3.0)
+EVAL_CROP_FRACTION = 0.875
+_CROP_ATTEMPTS = 10
+BACKENDS = ("cv2", "pil")
+DEFAULT_BACKEND = "cv2" if cv2 is not None else "pil"
+
+Box = tuple[float, float, float, float]  # left, top, right, bottom in pixels
+
+
+def open_image(image_bytes: bytes) -> Image.Image:
+    """Opens encoded bytes lazily (header only); raises ValueError for non-images."""
+    try:
+        return Image.open(io.BytesIO(image_bytes))
+    except Exception as err:  # PIL raises UnidentifiedImageError, OSError, SyntaxError...
+        raise ValueError(f"cannot decode image ({len(image_bytes)} bytes): {err}") from err
+
+
+_JPEG_SOF_MARKERS = frozenset(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}  # not DHT, JPG, DAC
+_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def header_size(image_bytes: bytes) -> tuple[int, int] | None:
+    """`(width, height)` read from a JPEG's SOF segment or a PNG's IHDR without decoding
+    (microseconds, where `Image.open` takes a fraction of a millisecond); None when the
+    header is not one of those or is damaged, so the caller falls back to PIL."""
+    if image_bytes[:8] == _PNG_SIGNATURE and image_bytes[12:16] == b"IHDR":
+        width, height = int.from_bytes(image_bytes[16:20], "big"), int.from_bytes(image_bytes[20:24], "big")
+        return (width, height) if width and height else None
+    if image_bytes[:2] != b"\xff\xd8":
+        return None
+    pos, end = 2, len(image_bytes)
+    while pos + 4 <= end:
+        if image_bytes[pos] != 0xFF:
+            return None
+        marker = image_bytes[pos + 1]
+        if marker == 0xFF:  # fill byte
+            pos += 1
+            continue
+        if marker in (0x01, *range(0xD0, 0xD8)):  # stand-alone markers carry no length
+            pos += 2
+            continue
+        length = int.from_bytes(image_bytes[pos + 2:pos + 4], "big")
+        if marker in _JPEG_SOF_MARKERS:
+            if pos + 9 > end:
+                return None
+            height = int.from_bytes(image_bytes[pos + 5:pos + 7], "big")
+            width = int.from_bytes(image_bytes[pos + 7:pos + 9], "big")
+            return (width, height) if width and height else None
+        if marker == 0xDA or length < 2:  # scan data before any frame header: malformed
+            return None
+        pos += 2 + length
+    return None
+
+
+def sample_crop_box(
+    width: int,
+    height: int,
+    rng: np.random.Generator,
+    scale: tuple[float, float] = DEFAULT_SCALE,
+    ratio: tuple[float, float] = DEFAULT_RATIO,
+) -> Box:
+    """An Inception-style random crop: area fraction in `scale`, aspect ratio (w/h)
+    log-uniform in `ratio`. Falls back to the largest centred crop within `ratio`."""
+    if not 0 < scale[0] <= scale[1] <= 1:
+        raise ValueError(f"scale must satisfy 0 < min <= max <= 1, got {scale}")
+    if not 0 < ratio[0] <= ratio[1]:
+        raise ValueError(f"ratio must satisfy 0 < min <= max, got {ratio}")
+    area = width * height
+    log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
+    for _ in range(_CROP_ATTEMPTS):
+        target_area = area * rng.uniform(scale[0], scale[1])
+        aspect = math.exp(rng.uniform(*log_ratio))
+        w = int(round(math.sqrt(target_area * aspect)))
+        h = int(round(math.sqrt(target_area / aspect)))
+        if 0 < w <= width and 0 < h <= height:
+            left = int(rng.integers(0, width - w + 1))
+            top = int(rng.integers(0, height - h + 1))
+            return (left, top, left + w, top + h)
+    aspect = width / height
+    if aspect < ratio[0]:
+        w, h = width, int(round(width / ratio[0]))
+    elif aspect > ratio[1]:
+        w, h = int(round(height * ratio[1])), height
+    else:
+        w, h = width, height
+    left, top = (width - w) // 2, (height - h) // 2
+    return (left, top, left + w, top + h)
+
+
+def _reduction(full_size: tuple[int, int], box: Box, size: int) -> int:
+    """The largest JPEG scale-down (1, 2, 4 or 8) that keeps the crop >= `size` pixels
+    each way."""
+    box_w, box_h = box[2] - box[0], box[3] - box[1]
+    for factor in (8, 4, 2):
+        if box_w / factor >= size and box_h / factor >= size:
+            return factor
+    return 1
+
+
+def _decode_box_resized_pil(image: Image.Image, box: Box, size: int, reduced_decode: bool) -> np.ndarray:
+    full_w, full_h = image.size
+    factor = _reduction(image.size, box, size) if reduced_decode and image.format == "JPEG" else 1
+    if factor > 1:
+        # PIL picks the largest scale whose result is at least the requested size.
+        image.draft("RGB", (full_w // factor, full_h // factor))
+    if image.mode != "RGB":
+        image = image.convert("RGB")
+    sx, sy = image.size[0] / full_w, image.size[1] / full_h
+    scaled = (box[0] * sx, box[1] * sy, box[2] * sx, box[3] * sy)
+    return np.asarray(image.resize((size, size), Image.Resampling.BILINEAR, box=scaled), dtype=np.uint8)
+
+
+_CV2_FLAGS = {}
+if cv2 is not None:
+    _CV2_FLAGS = {1: cv2.IMREAD_COLOR_RGB}
+    for _factor, _flag in ((2, cv2.IMREAD_REDUCED_COLOR_2), (4, cv2.IMREAD_REDUCED_COLOR_4), (8, cv2.IMREAD_REDUCED_COLOR_8)):
+        _CV2_FLAGS[_factor] = (_flag & ~cv2.IMREAD_COLOR) | cv2.IMREAD_COLOR_RGB
+
+
+def _decode_box_resized_cv2(image_bytes: bytes, full_size: tuple[int, int], box: Box, size: int, reduced_decode: bool) -> np.ndarray:
+    full_w, full_h = full_size
+    is_jpeg = image_bytes[:2] == b"\xff\xd8"
+    factor = _reduction(full_size, box, size) if reduced_decode and is_jpeg else 1
+    pixels = cv2.imdecode(np.frombuffer(image_bytes, np.uint8), _CV2_FLAGS[factor])
+    if pixels is None:
+        raise ValueError(f"cannot decode image ({len(image_bytes)} bytes): OpenCV rejected the data (truncated or corrupt)")
+    expected = (math.ceil(full_h / factor), math.ceil(full_w / factor))
+    if pixels.shape[:2] != expected:
+        raise ValueError(
+            f"cannot decode image: header says {full_w}x{full_h}, decoded {pixels.shape[1]}x{pixels.shape[0]} "
+            f"at 1/{factor} scale"
+        )
+    sx, sy = pixels.shape[1] / full_w, pixels.shape[0] / full_h
+    left, right = int(round(box[0] * sx)), int(round(box[2] * sx))
+    top, bottom = int(round(box[1] * sy)), int(round(box[3] * sy))
+    crop = pixels[top:max(bottom, top + 1), left:max(right, left + 1)]
+    return cv2.resize(crop, (size, size), interpolation=cv2.INTER_LINEAR)
+
+
+def _check_backend(backend: str) -> None:
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown image backend {backend!r}; choose one of {BACKENDS}")
+    if backend == "cv2" and cv2 is None:
+        raise ValueError("backend 'cv2' needs OpenCV (pip install opencv-python-headless); or use 'pil'")
+
+
+def _crop_and_resize(image_bytes: bytes, size: int, backend: str, reduced_decode: bool, choose_box) -> np.ndarray:
+    """Finds the image size (header only), lets `choose_box(width, height)` pick the
+    box, then decodes (at reduced scale where JPEG allows) and resamples the box to
+    `size` x `size` RGB uint8."""
+    _check_backend(backend)
+    full_size = header_size(image_bytes) if backend == "cv2" else None
+    image = None
+    if full_size is None:
+        image = open_image(image_bytes)
+        full_size = image.size
+    box = choose_box(*full_size)
+    try:
+        if backend == "cv2":
+            return _decode_box_resized_cv2(image_bytes, full_size, box, size, reduced_decode)
+        return _decode_box_resized_pil(image, box, size, reduced_decode)
+    except (OSError, SyntaxError) as err:  # PIL: truncated or corrupt image data
+        raise ValueError(f"cannot decode image ({len(image_bytes)} bytes): {err}") from err
+
+
+def decode_and_random_resized_crop(
+    image_bytes: bytes,
+    size: int,
+    rng: np.random.Generator,
+    scale: tuple[float, float] = DEFAULT_SCALE,
+    ratio: tuple[float, float] = DEFAULT_RATIO,
+    reduced_decode: bool = True,
+    backend: str = DEFAULT_BACKEND,
+) -> np.ndarray:
+    """Training crop: random box (see `sample_crop_box`) resized to `size`x`size`.
+    Returns uint8 `(size, size, 3)`."""
+    return _crop_and_resize(
+        image_bytes, size, backend, reduced_decode,
+        lambda width, height: sample_crop_box(width, height, rng, scale=scale, ratio=ratio),
+    )
+
+
+def center_crop_box(width: int, height: int, size: int, crop_fraction: float = EVAL_CROP_FRACTION) -> Box:
+    """The box that "resize the short side to size / crop_fraction, then take the
+    centre size x size" selects, in the original image's pixels."""
+    resize_short = round(size / crop_fraction)
+    factor = resize_short / min(width, height)  # original pixels -> resized pixels
+    resized_w, resized_h = width * factor, height * factor
+    left, top = (resized_w - size) / 2, (resized_h - size) / 2
+    return (left / factor, top / factor, (left + size) / factor, (top + size) / factor)
+
+
+def decode_resize_center_crop(
+    image_bytes: bytes,
+    size: int,
+    crop_fraction: float = EVAL_CROP_FRACTION,
+    reduced_decode: bool = True,
+    backend: str = DEFAULT_BACKEND,
+) -> np.ndarray:
+    """Eval crop: short side to `size / crop_fraction`, centre `size`x`size`.
+    Deterministic. Returns uint8 `(size, size, 3)`."""
+    return _crop_and_resize(
+        image_bytes, size, backend, reduced_decode,
+        lambda width, height: center_crop_box(width, height, size, crop_fraction),
+    )
+
+
+def random_horizontal_flip(image: np.ndarray, rng: np.random.Generator, probability: float = 0.5) -> np.ndarray:
+    """Mirrors `image` (H, W, C) left-right with the given probability."""
+    return image[:, ::-1] if rng.random() < probability else image

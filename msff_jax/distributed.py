@@ -1,0 +1,60 @@
+"""Several processes (hosts) in one JAX program.
+
+`initialize` must run before anything touches a JAX device. After it, `jax.devices()`
+lists the devices of every process, the mesh spans them all, and the jitted step is one
+SPMD program; each process feeds only its own slice of every global batch.
+"""
+
+from __future__ import annotations
+
+import os
+
+import jax
+import numpy as np
+from absl import logging
+
+
+def initialize(coordinator_address: str | None = None, num_processes: int | None = None,
+               process_id: int | None = None) -> None:
+    """Joins the processes into one JAX program, or does nothing for a single process.
+
+    - Flags given (`--coordinator_address host:port --num_processes N --process_id i`):
+      uses them; every process runs the same command with its own id.
+    - Under SLURM with more than one task (`srun`): JAX reads the coordinator, process
+      count and id from SLURM's environment.
+    - Otherwise: one process.
+    """
+    slurm_tasks = int(os.environ.get("SLURM_NTASKS", "1") or 1)
+    if coordinator_address:
+        if num_processes is None or process_id is None:
+            raise ValueError("--coordinator_address needs --num_processes and --process_id too.")
+        if not 0 <= process_id < num_processes:
+            raise ValueError(f"--process_id={process_id} must be in [0, --num_processes={num_processes}).")
+    elif not ("SLURM_JOB_ID" in os.environ and slurm_tasks > 1):
+        return
+    # Cross-process collectives between CPU devices need an implementation; it only
+    # affects the CPU backend, so GPU runs are unchanged.
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    if coordinator_address:
+        jax.distributed.initialize(coordinator_address=coordinator_address,
+                                   num_processes=num_processes, process_id=process_id)
+    else:
+        jax.distributed.initialize()
+    logging.info("process %d of %d, %d local of %d devices", jax.process_index(),
+                 jax.process_count(), jax.local_device_count(), jax.device_count())
+
+
+def is_primary() -> bool:
+    """Process 0 writes logs, summaries and files; checkpoints are written by all."""
+    return jax.process_index() == 0
+
+
+def any_process(flag: bool) -> bool:
+    """True on every process when `flag` is True on any (a collective: call it everywhere
+    at the same step)."""
+    if jax.process_count() == 1:
+        return bool(flag)
+    from jax.experimental import multihost_utils
+
+    flags = multihost_utils.process_allgather(np.asarray(flag, np.int32))
+    return bool(np.asarray(flags).any())

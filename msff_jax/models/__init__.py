@@ -1,0 +1,8 @@
+"""Flax linen image classifiers: MSFF-EComNet, its ablations and three baselines.
+
+`get_model(name, num_classes, **overrides)` is the only entry point other packages need.
+"""
+
+from msff_jax.models.registry import MODEL_NAMES, TINY_OVERRIDES, get_model
+
+__all__ = ["MODEL_NAMES", "TINY_OVERRIDES", "get_model"]

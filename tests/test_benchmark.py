@@ -1,0 +1,176 @@
+"""The benchmark mode: its timing rules, FLOP counting, output files, and a tiny run.
+
+The tiny run goes through the real path (launch.py's benchmark mode, the real train
+step, the grain reader over real shards for the end-to-end row), on tiny models at
+32 px, so it checks plumbing and units, not speed.
+"""
+
+import csv
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from msff_jax.benchmarking import device_peaks, outputs, timing
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+# ------------------------------------------------------------------ device peaks
+@pytest.mark.parametrize(
+    "kind, dtype, expected",
+    [
+        ("NVIDIA H100 80GB HBM3", "bfloat16", 989e12),
+        ("NVIDIA H100 80GB HBM3", "float32", 67e12),
+        ("NVIDIA H100 PCIe", "bfloat16", 756e12),
+        ("NVIDIA H200", "bfloat16", 989e12),
+        ("NVIDIA A100-SXM4-80GB", "bfloat16", 312e12),
+        ("cpu", "float32", None),
+        ("NVIDIA H100 80GB HBM3", "float16-unknown", None),
+    ],
+)
+def test_peak_flops_by_device_kind(kind, dtype, expected):
+    assert device_peaks.peak_flops_per_second(kind, dtype) == expected
+
+
+def test_mfu_counts_three_forward_passes_per_trained_image():
+    # 4 GFLOPs forward, 1,000 images/s: 12 TFLOP/s of training, 10% of 120 TFLOP/s.
+    assert device_peaks.model_flops_utilisation(4e9, 1000.0, 120e12) == pytest.approx(0.1)
+    assert device_peaks.model_flops_utilisation(4e9, 1000.0, None) is None
+    assert device_peaks.model_flops_utilisation(None, 1000.0, 120e12) is None
+
+
+# ------------------------------------------------------------------------ timing
+class _FakeSteps:
+    """Counts steps; each "step" advances a fake clock, so timings are exact."""
+
+    def __init__(self, monkeypatch, seconds_per_step):
+        self.calls = []
+        self.now = 0.0
+        self.seconds_per_step = seconds_per_step
+        monkeypatch.setattr(timing.time, "perf_counter", lambda: self.now)
+
+    def __call__(self, count):
+        self.calls.append(count)
+        self.now += count * self.seconds_per_step[len(self.calls) - 1]
+        return jnp.zeros(())
+
+
+def test_time_per_step_excludes_warmup_and_takes_the_median(monkeypatch):
+    # Warm-up at 1 s/step, then repeats at 0.1, 0.5 (an outlier) and 0.2 s/step.
+    steps = _FakeSteps(monkeypatch, [1.0, 0.1, 0.5, 0.2])
+    median, per_repeat = timing.time_per_step(steps, warmup_steps=3, timed_steps=4, repeats=3)
+    assert steps.calls == [3, 4, 4, 4]
+    assert per_repeat == pytest.approx([0.1, 0.5, 0.2])
+    assert median == pytest.approx(0.2)
+
+
+def test_time_per_step_rejects_empty_timings():
+    with pytest.raises(ValueError, match="timed_steps"):
+        timing.time_per_step(lambda n: None, warmup_steps=0, timed_steps=0, repeats=1)
+
+
+def test_analysed_flops_reads_dict_and_list_forms():
+    class Stage:
+        def __init__(self, analysis):
+            self.analysis = analysis
+
+        def cost_analysis(self):
+            return self.analysis
+
+    assert timing.analysed_flops(Stage({"flops": 10.0})) == 10.0
+    assert timing.analysed_flops(Stage([{"flops": 12.0}])) == 12.0  # Older JAX.
+    assert timing.analysed_flops(Stage(None)) is None
+    assert timing.analysed_flops(Stage({"flops": -1.0})) is None
+
+
+def test_analysed_flops_counts_a_matmul_as_two_flops_per_multiply_add():
+    lowered = jax.jit(lambda a, b: a @ b).lower(jnp.ones((8, 16)), jnp.ones((16, 32)))
+    assert timing.analysed_flops(lowered) == 2 * 8 * 16 * 32
+
+
+def test_resnet50_forward_costs_about_4_1_gmacs_at_224px():
+    """The published figure for ResNet-50 is 4.1 GMACs per 224-px image (timm: 4.11).
+
+    Lowering only (no compilation), so this costs seconds even at full size.
+    """
+    from msff_jax.models import get_model
+
+    model = get_model("resnet50", 15)
+    images = jax.ShapeDtypeStruct((2, 224, 224, 3), jnp.float32)
+    variables = jax.eval_shape(
+        lambda x: model.init(jax.random.key(0), x, train=False), images
+    )
+    lowered = jax.jit(lambda v, x: model.apply(v, x, train=False)).lower(variables, images)
+    gmacs = timing.analysed_flops(lowered) / 2 / 2e9
+    assert 4.0 < gmacs < 4.2, gmacs
+
+
+# ----------------------------------------------------------------------- outputs
+def _row(model, framework, train, params=10.0, **extra):
+    row = {c: None for c in outputs.CSV_COLUMNS}
+    row.update(
+        model=model,
+        framework=framework,
+        train_samples_per_sec=train,
+        train_step_time=1000 * 256 / train,
+        train_batch_size=256,
+        param_count=params,
+        gmacs=1.5,
+        device="NVIDIA H100 80GB HBM3",
+        dtype="bfloat16",
+    )
+    row.update(extra)
+    return row
+
+
+def test_csv_round_trip_and_ratio_table(tmp_path):
+    rows = [
+        _row("resnet50", "jax", 4400.0, 25.5, mfu=0.21, input="synthetic"),
+        _row("resnet50", "jax", 2200.0, 25.5, input="shards (8 workers)"),
+    ]
+    outputs.write_csv(tmp_path / "jax.csv", rows)
+    with open(tmp_path / "jax.csv") as f:
+        header = next(csv.reader(f))
+    assert tuple(header[: len(outputs.CSV_COLUMNS)]) == outputs.CSV_COLUMNS
+    back = outputs.read_csv(tmp_path / "jax.csv")
+    assert back[0]["train_samples_per_sec"] == 4400.0 and back[0]["mfu"] == 0.21
+    assert back[1]["input"] == "shards (8 workers)" and back[1]["mfu"] is None
+
+    # A PyTorch CSV has only the standard columns; the merged table compares both.
+    torch_rows = [_row("resnet50", "pytorch+compile", 4000.0, 25.6)]
+    outputs.write_csv(tmp_path / "torch.csv", torch_rows)
+    table = outputs.markdown_table(back + outputs.read_csv(tmp_path / "torch.csv"))
+    assert "| resnet50 | jax | synthetic | bfloat16 | 4,400.0 |" in table
+    assert "21.0%" in table
+    # Only the synthetic-input JAX row enters the ratio: 4400 / 4000.
+    assert "| resnet50 | 1.10x |" in table
+
+
+def test_read_csv_names_file_and_line_of_a_bad_cell(tmp_path):
+    path = tmp_path / "bad.csv"
+    outputs.write_csv(path, [_row("resnet50", "jax", 100.0)])
+    lines = path.read_text().splitlines()
+    lines.append(lines[1].replace("100", "fast", 1))
+    path.write_text("\n".join(lines) + "\n")
+    with pytest.raises(ValueError, match=r"bad\.csv:3: column 'train_samples_per_sec'"):
+        outputs.read_csv(path)
+    (tmp_path / "short.csv").write_text("model,train_samples_per_sec\nx,1\n")
+    with pytest.raises(ValueError, match="missing benchmark CSV columns"):
+        outputs.read_csv(tmp_path / "short.csv")
+
+
+def test_input_bound_table_compares_shards_with_synthetic():
+    rows = [
+        _row("msff_ecomnet", "jax", 5000.0, input="synthetic"),
+        _row("msff_ecomnet", "jax", 4000.0, input="shards (14 workers)"),
+    ]
+    table = outputs.markdown_table(rows)
+    assert "| msff_ecomnet | jax | shards (14 workers) | 5,000.0 | 4,000.0 | 0.80 |" in table

@@ -1,0 +1,129 @@
+"""Export: the artifact reproduces the model, runs alone at any batch size, and a broken
+export directory fails naming the file."""
+
+import json
+import shutil
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+from msff_jax import export
+from msff_jax.preprocessing import normalize_images
+from tiny_export import IMAGE_SIZE, MEAN_RGB, STDDEV_RGB, write_tiny_export
+
+CLASS_NAMES = ["Dress", "Tee", "Blouse", "Shorts"]
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    out_dir = tmp_path_factory.mktemp("run") / "export"
+    # The shipped default: one artifact for CPU and CUDA, lowered here without a GPU.
+    model, variables = write_tiny_export(out_dir, "msff_ecomnet", CLASS_NAMES,
+                                         platforms=export.DEFAULT_PLATFORMS)
+    return out_dir, model, variables
+
+
+def _images(batch, seed=0):
+    rng = np.random.default_rng(seed)
+    return rng.integers(0, 256, (batch, IMAGE_SIZE, IMAGE_SIZE, 3), dtype=np.uint8)
+
+
+def _model_logits(model, variables, images):
+    """The training-time model's eval logits (jitted: eager flax compiles op by op)."""
+    apply = jax.jit(lambda v, x: model.apply(v, normalize_images(x, MEAN_RGB, STDDEV_RGB),
+                                             train=False))
+    return np.asarray(apply(variables, images))
+
+
+def test_artifact_equals_model_at_two_batch_sizes(exported):
+    out_dir, model, variables = exported
+    loaded = export.load_export(out_dir)
+    for batch in (1, 5):
+        images = _images(batch, seed=batch)
+        logits, probabilities = loaded(images)
+        assert logits.shape == (batch, len(CLASS_NAMES))
+        np.testing.assert_allclose(logits, _model_logits(model, variables, images),
+                                   rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(np.asarray(probabilities).sum(-1), 1.0, rtol=1e-5)
+        np.testing.assert_allclose(probabilities, jax.nn.softmax(logits), rtol=1e-5, atol=1e-7)
+
+
+def test_artifact_runs_without_project_or_flax_code(exported, tmp_path):
+    out_dir, model, variables = exported
+    images = _images(3, seed=7)
+    np.save(tmp_path / "images.npy", images)
+    script = (
+        "import sys; sys.modules['msff_jax'] = None; sys.modules['flax'] = None\n"
+        "import jax, numpy as np\n"
+        f"exp = jax.export.deserialize(bytearray(open({str(out_dir / export.ARTIFACT_FILE)!r}, 'rb').read()))\n"
+        f"logits, _ = exp.call(np.load({str(tmp_path / 'images.npy')!r}))\n"
+        f"np.save({str(tmp_path / 'logits.npy')!r}, np.asarray(logits))\n"
+    )
+    subprocess.run([sys.executable, "-c", script], check=True, timeout=300)
+    np.testing.assert_allclose(np.load(tmp_path / "logits.npy"),
+                               _model_logits(model, variables, images), rtol=1e-5, atol=1e-5)
+
+
+def test_metadata_and_variables(exported):
+    out_dir, _, variables = exported
+    metadata = json.loads((out_dir / export.METADATA_FILE).read_text())
+    assert metadata["model"] == "msff_ecomnet"
+    assert metadata["class_names"] == CLASS_NAMES
+    assert metadata["num_classes"] == 4 and metadata["step"] == 3
+    assert metadata["preprocessing"]["image_size"] == IMAGE_SIZE
+    assert metadata["preprocessing"]["mean_rgb"] == list(MEAN_RGB)
+    assert metadata["preprocessing"]["input_dtype"] == "uint8"
+    assert set(metadata["artifact"]["platforms"]) == {"cpu", "cuda"}
+    assert metadata["variables"]["collections"] == ["batch_stats", "params"]
+
+    _, restored = export.load_model_and_variables(out_dir)
+    assert set(restored) == {"params", "batch_stats"}
+    for want, got in zip(jax.tree.leaves(variables), jax.tree.leaves(restored)):
+        np.testing.assert_array_equal(np.asarray(want), np.asarray(got))
+
+
+@pytest.mark.parametrize("missing", [export.METADATA_FILE, export.ARTIFACT_FILE])
+def test_missing_file_is_named(exported, tmp_path, missing):
+    copy = shutil.copytree(exported[0], tmp_path / "export")
+    (copy / missing).unlink()
+    with pytest.raises(FileNotFoundError, match=missing):
+        export.load_export(copy)
+
+
+def test_missing_variables_are_named(exported, tmp_path):
+    copy = shutil.copytree(exported[0], tmp_path / "export")
+    shutil.rmtree(copy / export.VARIABLES_DIR)
+    with pytest.raises(FileNotFoundError, match=export.VARIABLES_DIR):
+        export.load_model_and_variables(copy)
+
+
+def _edit_metadata(directory, **changes):
+    path = directory / export.METADATA_FILE
+    metadata = json.loads(path.read_text())
+    metadata.update(changes)
+    path.write_text(json.dumps(metadata))
+
+
+def test_json_disagreeing_with_artifact(exported, tmp_path):
+    copy = shutil.copytree(exported[0], tmp_path / "export")
+    _edit_metadata(copy, num_classes=5, class_names=CLASS_NAMES + ["Tank"])
+    with pytest.raises(export.ExportError,
+                       match=r"export.json says num_classes=5 but .*inference.jaxexport outputs 4"):
+        export.load_export(copy)
+
+
+def test_json_disagreeing_with_checkpoint(exported, tmp_path):
+    copy = shutil.copytree(exported[0], tmp_path / "export")
+    _edit_metadata(copy, num_classes=5, class_names=CLASS_NAMES + ["Tank"])
+    with pytest.raises(export.ExportError, match=r"variables does not match .*head.*\(64, 5\).*\(64, 4\)"):
+        export.load_model_and_variables(copy)
+
+
+def test_inconsistent_class_names(exported, tmp_path):
+    copy = shutil.copytree(exported[0], tmp_path / "export")
+    _edit_metadata(copy, class_names=CLASS_NAMES[:3])
+    with pytest.raises(export.ExportError, match="export.json: 3 class_names for num_classes=4"):
+        export.load_export(copy)

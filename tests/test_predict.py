@@ -1,0 +1,180 @@
+"""predict: files and folders in, top-k out; unusable files named and skipped;
+--explain draws IASM attention (MSFF) or Grad-CAM (baselines)."""
+
+import io
+import json
+import struct
+import zlib
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from PIL import Image
+
+from data_pipeline.transforms import decode_resize_center_crop
+from msff_jax import explain, predict
+from msff_jax.preprocessing import normalize_images
+from tiny_export import IMAGE_SIZE, MEAN_RGB, STDDEV_RGB, write_tiny_export
+
+CLASS_NAMES = ["Dress", "Tee", "Blouse"]
+
+
+def _photo(width, height, seed):
+    rng = np.random.default_rng(seed)
+    return Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8))
+
+
+def _bomb_png() -> bytes:
+    """A valid 1x1 PNG whose header claims 100000 x 100000 pixels (CRC fixed up), so
+    only the decompression-bomb guard can stop it."""
+    buffer = io.BytesIO()
+    Image.new("RGB", (1, 1)).save(buffer, format="PNG")
+    data = bytearray(buffer.getvalue())
+    data[16:24] = struct.pack(">II", 100_000, 100_000)  # IHDR width, height
+    data[29:33] = struct.pack(">I", zlib.crc32(bytes(data[12:29])))
+    return bytes(data)
+
+
+@pytest.fixture(scope="module")
+def exports(tmp_path_factory):
+    root = tmp_path_factory.mktemp("exports")
+    made = {}
+    for name in ("msff_ecomnet", "resnet50"):
+        model, variables = write_tiny_export(root / name, name, CLASS_NAMES)
+        made[name] = (root / name, model, variables)
+    return made
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    """Three good images (JPEG, PNG, in a subfolder) and three unusable files."""
+    root = tmp_path_factory.mktemp("images")
+    _photo(60, 40, 0).save(root / "wide.jpg", quality=95)
+    _photo(30, 50, 1).save(root / "tall.png")
+    (root / "sub").mkdir()
+    _photo(48, 48, 2).save(root / "sub" / "square.jpg")
+    (root / "notes.txt").write_text("not an image\n")
+    good = io.BytesIO()
+    _photo(64, 64, 3).save(good, format="JPEG")
+    (root / "truncated.jpg").write_bytes(good.getvalue()[: len(good.getvalue()) // 2])
+    (root / "bomb.png").write_bytes(_bomb_png())
+    return root
+
+
+def _reference_probabilities(model, variables, path):
+    image = decode_resize_center_crop(path.read_bytes(), IMAGE_SIZE)
+    x = normalize_images(image[None], MEAN_RGB, STDDEV_RGB)
+    logits = jax.jit(lambda v, x: model.apply(v, x, train=False))(variables, x)
+    return np.asarray(jax.nn.softmax(logits[0]))
+
+
+def test_folder_with_unusable_files(exports, folder, capsys):
+    export_dir, model, variables = exports["msff_ecomnet"]
+    status = predict.main(["--export_dir", str(export_dir), "--top_k", "2",
+                           "--batch_size", "2", str(folder)])
+    out, err = capsys.readouterr()
+    assert status == 2  # some files skipped, the rest classified
+    for bad, reason in (("notes.txt", "cannot decode"), ("truncated.jpg", "truncated"),
+                        ("bomb.png", "decompression bomb")):
+        line = next(line for line in err.splitlines() if line.startswith("skipped") and bad in line)
+        assert reason in line, line
+    assert "classified 3 of 6 files; skipped 3" in err
+    blocks = out.strip().split("\n\n") if "\n\n" in out else None
+    lines = out.strip().splitlines()
+    headers = [line for line in lines if not line.startswith("  ")]
+    assert sorted(h.rsplit("/", 1)[-1] for h in headers) == ["square.jpg", "tall.png", "wide.jpg"]
+    assert len(lines) == 3 * (1 + 2) and blocks is None
+    # Probabilities printed are those of the model on the eval transform.
+    header_index = next(i for i, line in enumerate(lines) if line.endswith("wide.jpg"))
+    expected = _reference_probabilities(model, variables, folder / "wide.jpg")
+    best = int(np.argmax(expected))
+    assert lines[header_index + 1].split()[1] == CLASS_NAMES[best]
+    assert lines[header_index + 1].endswith(f"{100 * expected[best]:6.2f}%")
+
+
+def test_json_lines(exports, folder, capsys):
+    export_dir, model, variables = exports["resnet50"]
+    status = predict.main(["--export_dir", str(export_dir), "--json", "--top_k", "3",
+                           str(folder / "tall.png"), str(folder / "wide.jpg")])
+    out, _ = capsys.readouterr()
+    assert status == 0
+    records = [json.loads(line) for line in out.strip().splitlines()]
+    assert [r["file"].rsplit("/", 1)[-1] for r in records] == ["tall.png", "wide.jpg"]
+    for record in records:
+        probabilities = [p["probability"] for p in record["predictions"]]
+        assert probabilities == sorted(probabilities, reverse=True)
+        expected = _reference_probabilities(model, variables, folder / record["file"].rsplit("/", 1)[-1])
+        got = np.zeros(len(CLASS_NAMES))
+        for p in record["predictions"]:
+            assert CLASS_NAMES[p["index"]] == p["class"]
+            got[p["index"]] = p["probability"]
+        np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-6)
+
+
+def test_empty_folder_and_missing_path(exports, tmp_path, capsys):
+    export_dir = exports["msff_ecomnet"][0]
+    (tmp_path / "empty").mkdir()
+    assert predict.main(["--export_dir", str(export_dir), str(tmp_path / "empty")]) == 1
+    assert "contains no files" in capsys.readouterr().err
+    assert predict.main(["--export_dir", str(export_dir), str(tmp_path / "nope.jpg")]) == 1
+    assert "nope.jpg: no such file or folder" in capsys.readouterr().err
+
+
+def test_bad_export_dir_is_named(tmp_path, folder, capsys):
+    assert predict.main(["--export_dir", str(tmp_path), str(folder / "wide.jpg")]) == 1
+    assert "export.json is missing" in capsys.readouterr().err
+
+
+def test_explain_attention_for_msff(exports, folder, tmp_path, capsys):
+    export_dir, model, variables = exports["msff_ecomnet"]
+    out_dir = tmp_path / "explained"
+    status = predict.main(["--export_dir", str(export_dir), "--explain", str(out_dir),
+                           str(folder / "wide.jpg"), str(folder / "sub")])
+    capsys.readouterr()
+    assert status == 0
+    pngs = sorted(p.name for p in out_dir.iterdir())
+    assert pngs == ["square.png", "wide.png"]
+    with Image.open(out_dir / "wide.png") as image:
+        assert image.width > 3 * image.height  # input + one panel per stage
+
+    explainer = explain.explainer_from_export(export_dir)
+    assert explainer.kind == "attention"
+    image = decode_resize_center_crop((folder / "wide.jpg").read_bytes(), IMAGE_SIZE)
+    (explanation,) = explainer.explain(image[None])
+    # Tiny MSFF at 32 px: stages at 8x8, 4x4, 2x2, 1x1, one panel each.
+    assert [p.values.shape for p in explanation.panels] == [(8, 8), (4, 4), (2, 2), (1, 1)]
+    assert [p.title.split("/")[0] for p in explanation.panels] == [
+        "stage1_block0", "stage2_block0", "stage3_block0", "stage4_block0"]
+    for panel in explanation.panels:  # sigmoid maps
+        assert 0.0 <= panel.values.min() <= panel.values.max() <= 1.0
+
+
+def test_explain_grad_cam_for_baseline(exports, folder, tmp_path, capsys):
+    export_dir, model, variables = exports["resnet50"]
+    out_dir = tmp_path / "explained"
+    status = predict.main(["--export_dir", str(export_dir), "--explain", str(out_dir),
+                           str(folder / "tall.png")])
+    capsys.readouterr()
+    assert status == 0 and (out_dir / "tall.png").exists()
+
+    explainer = explain.explainer_from_export(export_dir)
+    assert explainer.kind == "gradcam"
+    images = np.stack([decode_resize_center_crop((folder / n).read_bytes(), IMAGE_SIZE)
+                       for n in ("tall.png", "wide.jpg")])
+    explanations = explainer.explain(images)
+    # ResNet ends features -> global average pool -> dense, so d logit_c / dA is
+    # fc_kernel[:, c] / (h * w) everywhere and Grad-CAM reduces to CAM: an independent
+    # reference for the intercepted gradient.
+    x = normalize_images(images, MEAN_RGB, STDDEV_RGB)
+    logits, state = model.apply(variables, x, train=False, mutable=["intermediates"])
+    features = np.asarray(state["intermediates"]["features"][0])
+    kernel = np.asarray(variables["params"]["fc"]["kernel"])
+    h, w = features.shape[1:3]
+    for i, explanation in enumerate(explanations):
+        top = int(jnp.argmax(logits[i]))
+        assert explanation.predicted_class == top
+        expected = np.maximum(features[i] @ kernel[:, top] / (h * w), 0.0)
+        (panel,) = explanation.panels
+        np.testing.assert_allclose(panel.values, expected, rtol=1e-4, atol=1e-6)
+        assert panel.values.max() > 0

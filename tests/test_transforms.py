@@ -1,0 +1,188 @@
+"""Image ops: output contract, crop geometry, draft-mode decoding, bad bytes."""
+
+import io
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from data_pipeline import transforms
+
+
+def _gradient(width, height):
+    x = np.linspace(0, 255, width)[None, :]
+    y = np.linspace(0, 255, height)[:, None]
+    return np.stack([np.broadcast_to(x, (height, width)), np.broadcast_to(y, (height, width)),
+                     np.full((height, width), 90.0)], axis=-1).astype(np.uint8)
+
+
+def _encode(pixels, fmt, mode=None):
+    image = Image.fromarray(pixels)
+    if mode:
+        image = image.convert(mode)
+    buffer = io.BytesIO()
+    image.save(buffer, fmt, **({"quality": 95} if fmt == "JPEG" else {}))
+    return buffer.getvalue()
+
+
+JPEG = _encode(_gradient(60, 40), "JPEG")
+BIG_JPEG = _encode(_gradient(400, 320), "JPEG")
+backends = pytest.mark.parametrize("backend", transforms.BACKENDS)
+
+
+@pytest.mark.parametrize("image_bytes", [
+    JPEG,
+    _encode(_gradient(60, 40), "PNG"),
+    _encode(_gradient(60, 40), "PNG", mode="RGBA"),
+    _encode(_gradient(60, 40), "JPEG", mode="L"),
+], ids=["jpeg", "png", "png_rgba", "jpeg_gray"])
+@backends
+def test_both_crops_give_uint8_rgb_of_the_requested_size(image_bytes, backend):
+    rng = np.random.default_rng(0)
+    train = transforms.decode_and_random_resized_crop(image_bytes, 24, rng, backend=backend)
+    evaluation = transforms.decode_resize_center_crop(image_bytes, 24, backend=backend)
+    for out in (train, evaluation):
+        assert out.shape == (24, 24, 3)
+        assert out.dtype == np.uint8
+
+
+def test_random_crop_box_respects_scale_and_ratio():
+    rng = np.random.default_rng(1)
+    for _ in range(200):
+        left, top, right, bottom = transforms.sample_crop_box(300, 200, rng, scale=(0.25, 0.5), ratio=(0.75, 4 / 3))
+        assert 0 <= left < right <= 300 and 0 <= top < bottom <= 200
+        area = (right - left) * (bottom - top) / (300 * 200)
+        assert 0.23 <= area <= 0.52  # rounding to whole pixels
+        assert 0.7 <= (right - left) / (bottom - top) <= 1.4
+
+
+def test_impossible_ratio_falls_back_to_a_centred_crop():
+    rng = np.random.default_rng(0)
+    box = transforms.sample_crop_box(400, 40, rng, scale=(0.9, 1.0), ratio=(1.0, 1.0))
+    assert box == (180, 0, 220, 40)
+
+
+def test_scale_range_is_validated():
+    with pytest.raises(ValueError, match="scale"):
+        transforms.sample_crop_box(10, 10, np.random.default_rng(0), scale=(0.5, 0.1))
+
+
+@backends
+def test_train_crop_is_a_function_of_the_rng_state(backend):
+    a = transforms.decode_and_random_resized_crop(JPEG, 24, np.random.default_rng(7), backend=backend)
+    b = transforms.decode_and_random_resized_crop(JPEG, 24, np.random.default_rng(7), backend=backend)
+    c = transforms.decode_and_random_resized_crop(JPEG, 24, np.random.default_rng(8), backend=backend)
+    np.testing.assert_array_equal(a, b)
+    assert not np.array_equal(a, c)
+
+
+@backends
+def test_eval_crop_is_deterministic_and_centred(backend):
+    a = transforms.decode_resize_center_crop(JPEG, 24, backend=backend)
+    np.testing.assert_array_equal(a, transforms.decode_resize_center_crop(JPEG, 24, backend=backend))
+    # Short side 40 -> round(24 / 0.875) = 27, so the 60-px side becomes 40.5 and the
+    # centre crop keeps the middle 24 / 40.5 of it: the red gradient is centred on 127.5.
+    assert abs(float(a[..., 0].mean()) - 127.5) < 4
+
+
+def test_center_crop_box_matches_resize_then_crop():
+    left, top, right, bottom = transforms.center_crop_box(400, 300, 224)
+    factor = 256 / 300
+    assert right - left == pytest.approx(224 / factor)
+    assert bottom - top == pytest.approx(224 / factor)
+    assert (left + right) / 2 == pytest.approx(200) and (top + bottom) / 2 == pytest.approx(150)
+
+
+@backends
+@pytest.mark.parametrize("crop", ["train", "eval"])
+def test_reduced_decode_keeps_size_and_nearly_the_pixels(crop, backend):
+    def run(reduced):
+        if crop == "train":
+            return transforms.decode_and_random_resized_crop(
+                BIG_JPEG, 32, np.random.default_rng(3), scale=(0.9, 1.0), reduced_decode=reduced, backend=backend)
+        return transforms.decode_resize_center_crop(BIG_JPEG, 32, reduced_decode=reduced, backend=backend)
+
+    full, draft = run(False), run(True)
+    assert draft.shape == full.shape == (32, 32, 3)
+    assert np.abs(full.astype(int) - draft.astype(int)).mean() < 4
+
+
+def test_backends_agree_closely():
+    pil = transforms.decode_resize_center_crop(BIG_JPEG, 64, backend="pil")
+    opencv = transforms.decode_resize_center_crop(BIG_JPEG, 64, backend="cv2")
+    assert np.abs(pil.astype(int) - opencv.astype(int)).mean() < 4
+
+
+def test_unknown_backend_is_refused():
+    with pytest.raises(ValueError, match="unknown image backend"):
+        transforms.decode_resize_center_crop(JPEG, 16, backend="magick")
+
+
+def test_cv2_decodes_big_jpegs_at_reduced_scale(monkeypatch):
+    decoded_shapes = []
+    original_imdecode = transforms.cv2.imdecode
+
+    def spying_imdecode(buffer, flags):
+        pixels = original_imdecode(buffer, flags)
+        decoded_shapes.append(pixels.shape)
+        return pixels
+
+    monkeypatch.setattr(transforms.cv2, "imdecode", spying_imdecode)
+    transforms.decode_resize_center_crop(BIG_JPEG, 32, backend="cv2")
+    transforms.decode_resize_center_crop(BIG_JPEG, 224, backend="cv2")
+    assert decoded_shapes == [(40, 50, 3), (320, 400, 3)]
+
+
+def test_pil_draft_decodes_big_jpegs_at_reduced_scale(monkeypatch):
+    from PIL import JpegImagePlugin
+
+    decoded_sizes = []
+    original_draft = JpegImagePlugin.JpegImageFile.draft
+
+    def spying_draft(self, mode, size):
+        result = original_draft(self, mode, size)
+        decoded_sizes.append(self.size)
+        return result
+
+    monkeypatch.setattr(JpegImagePlugin.JpegImageFile, "draft", spying_draft)
+    transforms.decode_resize_center_crop(BIG_JPEG, 32, backend="pil")  # 276-px box: 1/8 suffices
+    transforms.decode_resize_center_crop(BIG_JPEG, 224, backend="pil")  # 280-px box: no draft
+    assert decoded_sizes == [(50, 40)]
+
+
+def test_flip_mirrors_with_the_given_probability():
+    image = np.arange(2 * 3 * 3, dtype=np.uint8).reshape(2, 3, 3)
+    rng = np.random.default_rng(0)
+    np.testing.assert_array_equal(transforms.random_horizontal_flip(image, rng, probability=1.0), image[:, ::-1])
+    np.testing.assert_array_equal(transforms.random_horizontal_flip(image, rng, probability=0.0), image)
+    flips = [transforms.random_horizontal_flip(image, rng)[0, 0, 0] != image[0, 0, 0] for _ in range(400)]
+    assert 150 < sum(flips) < 250
+
+
+@backends
+@pytest.mark.parametrize("bad", [b"not an image at all", JPEG[: len(JPEG) // 2]], ids=["garbage", "truncated"])
+def test_undecodable_bytes_raise_value_error(bad, backend):
+    with pytest.raises(ValueError, match="cannot decode image"):
+        transforms.decode_and_random_resized_crop(bad, 16, np.random.default_rng(0), backend=backend)
+    with pytest.raises(ValueError, match="cannot decode image"):
+        transforms.decode_resize_center_crop(bad, 16, backend=backend)
+
+
+@pytest.mark.parametrize("image_bytes", [
+    _encode(_gradient(61, 37), "JPEG"),
+    _encode(_gradient(61, 37), "JPEG", mode="L"),
+    _encode(_gradient(61, 37), "PNG"),
+], ids=["jpeg", "jpeg_gray", "png"])
+def test_header_size_matches_pil(image_bytes):
+    assert transforms.header_size(image_bytes) == Image.open(io.BytesIO(image_bytes)).size == (61, 37)
+
+
+def test_header_size_of_progressive_jpeg():
+    buffer = io.BytesIO()
+    Image.fromarray(_gradient(45, 30)).save(buffer, "JPEG", progressive=True)
+    assert transforms.header_size(buffer.getvalue()) == (45, 30)
+
+
+@pytest.mark.parametrize("bad", [b"", b"GIF89a....", JPEG[:20]], ids=["empty", "gif", "cut_before_frame"])
+def test_header_size_is_none_when_unknown(bad):
+    assert transforms.header_size(bad) is None
