@@ -16,7 +16,6 @@ import argparse
 import dataclasses
 import io
 import os
-import pathlib
 import sys
 from typing import Optional, Sequence
 
@@ -173,18 +172,22 @@ def _bbox_tuple(annotations, path: str) -> tuple[int, int, int, int]:
 def _parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m data_pipeline.deepfashion", description=__doc__.split("\n\n")[0])
     parser.add_argument("--deepfashion_dir", required=True, help="folder holding Anno/ (or Anno_coarse/), Eval/, Img/")
-    parser.add_argument("--output_dir", required=True)
+    parser.add_argument("--output_dir", required=True,
+                        help="gets the shards and manifest.json; shard-named files of other runs there are replaced")
     parser.add_argument("--categories", default=None,
                         help="comma-separated category names, in label order (default: the 15 most frequent)")
-    parser.add_argument("--max_images", type=int, default=50000, help="total images; 0 takes all (default 50000)")
-    parser.add_argument("--sampling", choices=("balanced", "proportional"), default="balanced")
+    parser.add_argument("--max_images", type=int, default=50000, help="total images (default 50000); 0: all with proportional sampling, "
+                        "as many as balance allows with balanced")
+    parser.add_argument("--sampling", choices=("balanced", "proportional"), default="balanced",
+                        help="balanced: equal images per class (error if one lacks them); proportional: as in the data")
     parser.add_argument("--split", default="8:1:1", help="train:val:test ratios grouped by product folder, or 'official'")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--crop_to_bbox", action="store_true", help="crop to list_bbox.txt's box (re-encodes JPEG)")
     parser.add_argument("--bbox_margin", type=float, default=0.1, help="margin around the box, fraction of its size")
     parser.add_argument("--resize_to", type=int, default=0, help="resize so the long side is N px (re-encodes JPEG)")
     parser.add_argument("--shard_size_mb", type=float, default=128)
-    parser.add_argument("--on_bad_image", choices=("error", "skip"), default="error")
+    parser.add_argument("--on_bad_image", choices=("error", "skip"), default="error",
+                        help="skip: leave out missing or broken images, count them and list them in the manifest")
     parser.add_argument("--num_workers", type=int, default=None, help="image workers (default: every core)")
     return parser.parse_args(argv)
 

@@ -111,6 +111,8 @@ def encode_example(
 
 
 def _read_varint(buf: bytes, pos: int, end: int) -> tuple[int, int]:
+    if pos < end and buf[pos] < 0x80:  # fast path: most keys and lengths fit one byte
+        return buf[pos], pos + 1
     result = shift = 0
     while True:
         if pos >= end:
@@ -130,7 +132,11 @@ def _fields(buf: bytes, start: int, end: int):
     `(start, end)` span for everything else."""
     pos = start
     while pos < end:
-        key, pos = _read_varint(buf, pos, end)
+        key = buf[pos]
+        if key < 0x80:
+            pos += 1
+        else:
+            key, pos = _read_varint(buf, pos, end)
         number, wire = key >> 3, key & 7
         if number == 0:
             raise ValueError(f"field number 0 at byte {pos}")

@@ -23,7 +23,7 @@ import os
 import pathlib
 import re
 import sys
-from typing import Any, Callable, Iterable, Optional, Sequence
+from typing import Any, Callable, Iterator, Optional, Sequence
 
 import tqdm
 
@@ -142,23 +142,21 @@ def write_shards(
     output_dir.mkdir(parents=True, exist_ok=True)
     _clean_stale_files(output_dir, {s.file for s in shards})
     journal = _read_journal(output_dir)
-    fingerprints = [_fingerprint(s, options) for s in shards]
-    reused = [_reusable(output_dir, journal.get(s.file), f) for s, f in zip(shards, fingerprints)]
-    todo = [s for s, r in zip(shards, reused) if not r]
-    for shard in todo:  # a same-named shard of another run must not pass for this run's
+    todo = [(shard, fingerprint) for shard in shards
+            if not _reusable(output_dir, journal.get(shard.file), fingerprint := _fingerprint(shard, options))]
+    for shard, _ in todo:  # a same-named shard of another run must not pass for this run's
         (output_dir / shard.file).unlink(missing_ok=True)
+    items = [item for shard, _ in todo for item in shard.items]
     total = sum(len(s.items) for s in shards)
-    bar = tqdm.tqdm(total=total, initial=total - sum(len(s.items) for s in todo), unit="img",
-                    desc=f"writing shards to {output_dir}", file=sys.stderr, disable=not progress, smoothing=0.05)
+    bar = tqdm.tqdm(total=total, initial=total - len(items), unit="img", desc=f"writing shards to {output_dir}",
+                    file=sys.stderr, disable=not progress, smoothing=0.05)
     workers = num_workers or os.cpu_count() or 1
-    pool = multiprocessing.get_context("forkserver").Pool(workers) if workers > 1 and todo else None
+    pool = multiprocessing.get_context("forkserver").Pool(workers) if workers > 1 and items else None
     try:
-        results: Iterable[Encoded] = (
-            pool.imap(encode, (item for s in todo for item in s.items), chunksize=8) if pool
-            else (encode(item) for s in todo for item in s.items)
-        )
+        # Results come back in item order whatever the worker count, so shards are identical.
+        results: Iterator[Encoded] = pool.imap(encode, items, chunksize=8) if pool else map(encode, items)
         with open(output_dir / JOURNAL, "a") as journal_stream:
-            for shard, fingerprint in zip(todo, (f for f, r in zip(fingerprints, reused) if not r)):
+            for shard, fingerprint in todo:
                 entry = _write_one(output_dir, shard, results, num_classes, on_bad_image, bar)
                 entry["fingerprint"] = fingerprint
                 journal_stream.write(json.dumps(entry) + "\n")

@@ -1,6 +1,6 @@
 """A miniature DeepFashion, in exactly the real on-disk format, with learnable images.
 
-    python -m data_pipeline.synthetic --output_dir DIR --num_images N [--seed S]
+    python -m data_pipeline.synthetic --output_dir DIR --num_images N [--seed S] [--image_size 300]
 
 The real benchmark cannot be downloaded by code, so the demo and the tests use this.
 The files mimic the real ones down to the awkward parts: a count on line 1 and column
@@ -210,10 +210,18 @@ def _write_list(path: pathlib.Path, header: str, rows: Sequence[Sequence[str]], 
     path.write_text("\n".join(lines) + "\n")
 
 
-def generate(output_dir: str | os.PathLike, num_images: int, seed: int = 0, *, annotation_dir: str = "Anno") -> pathlib.Path:
-    """Writes the miniature under `output_dir` (which gets Anno/, Eval/, Img/) and returns it."""
+def generate(output_dir: str | os.PathLike, num_images: int, seed: int = 0, *, image_size: int = 300,
+             annotation_dir: str = "Anno") -> pathlib.Path:
+    """Writes the miniature under `output_dir` (which gets Anno/, Eval/, Img/) and returns it.
+
+    `image_size` is the long side in pixels (300 like the real images; smaller is faster).
+    `annotation_dir` may be "Anno_coarse", the name newer releases use.
+    """
     if num_images < 1:
         raise ValueError(f"num_images must be positive, got {num_images}")
+    if image_size < 32:
+        raise ValueError(f"image_size must be at least 32, got {image_size}")
+    sizes = [(round(w * image_size / 300), round(h * image_size / 300)) for w, h in _SIZES]
     root = pathlib.Path(output_dir)
     rng = np.random.default_rng(seed)
     counts = category_counts(num_images, rng)
@@ -238,7 +246,7 @@ def generate(output_dir: str | os.PathLike, num_images: int, seed: int = 0, *, a
             }
             for number in range(1, min(remaining, int(rng.integers(1, 7))) + 1):
                 relative = f"img/{folder}/img_{number:08d}.jpg"
-                canvas = _clutter(_SIZES[rng.integers(len(_SIZES))], rng)
+                canvas = _clutter(sizes[rng.integers(len(sizes))], rng)
                 box = _draw_product(canvas, style, product, rng)
                 canvas.save(root / "Img" / relative, format="JPEG", quality=90)
                 labels.append((relative, str(label)))
@@ -260,8 +268,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--output_dir", required=True)
     parser.add_argument("--num_images", type=int, required=True)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--image_size", type=int, default=300, help="long side in pixels (real images: 300)")
     args = parser.parse_args(argv)
-    root = generate(args.output_dir, args.num_images, args.seed)
+    root = generate(args.output_dir, args.num_images, args.seed, image_size=args.image_size)
     print(f"wrote a synthetic DeepFashion of {args.num_images} images to {root}")
     return 0
 

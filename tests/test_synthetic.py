@@ -71,12 +71,15 @@ def test_default_15_are_the_most_frequent_in_real_order(root):
     assert 0 < sum(others) and max(others) < min(counts[[c.name for c in loaded.categories].index(n)] for n in synthetic.DEFAULT_15)
 
 
-def test_same_seed_same_dataset(tmp_path):
-    a = synthetic.generate(tmp_path / "a", 20, seed=3)
-    b = synthetic.generate(tmp_path / "b", 20, seed=3)
-    assert (a / "Anno/list_bbox.txt").read_text() == (b / "Anno/list_bbox.txt").read_text()
-    path = (a / "Anno/list_category_img.txt").read_text().splitlines()[5].split()[0]
+def test_same_seed_same_dataset_and_options(tmp_path):
+    a = synthetic.generate(tmp_path / "a", 20, seed=3, image_size=64, annotation_dir="Anno_coarse")
+    b = synthetic.generate(tmp_path / "b", 20, seed=3, image_size=64, annotation_dir="Anno_coarse")
+    assert (a / "Anno_coarse/list_bbox.txt").read_text() == (b / "Anno_coarse/list_bbox.txt").read_text()
+    loaded = annotations.load_annotations(a)
+    assert loaded.annotation_dir == "Anno_coarse" and len(loaded.images) == 20
+    path = loaded.images[5].path
     assert (a / "Img" / path).read_bytes() == (b / "Img" / path).read_bytes()
+    assert max(Image.open(a / "Img" / path).size) == 64
 
 
 def test_classes_are_learnable_from_small_images(root):

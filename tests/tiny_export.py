@@ -1,6 +1,6 @@
 """A tiny model exported for the export/predict tests: no training needed, the export
-path is the same for trained and freshly initialised variables. BatchNorm statistics are
-randomised so a wrongly applied normalisation or stale statistics would change logits."""
+path is the same for trained and random variables. BatchNorm statistics are random too,
+so a wrongly applied normalisation or stale statistics would change the logits."""
 
 from __future__ import annotations
 
@@ -19,20 +19,29 @@ STDDEV_RGB = (58.0, 57.0, 57.0)
 
 
 def tiny_model_and_variables(name: str, num_classes: int):
+    """Variables drawn with numpy from the model's abstract shapes: compiling
+    `model.init` costs tens of CPU seconds, a shape-only trace almost nothing.
+    Kernels are He-scaled so activations stay O(1) through the network."""
     model = get_model(name, num_classes, **TINY_OVERRIDES[name])
-    images = jnp.zeros((1, IMAGE_SIZE, IMAGE_SIZE, 3), jnp.float32)
-    variables = jax.jit(lambda x: model.init(jax.random.key(0), x, train=False))(images)
+    images = jax.ShapeDtypeStruct((1, IMAGE_SIZE, IMAGE_SIZE, 3), jnp.float32)
+    shapes = jax.eval_shape(lambda x: model.init(jax.random.key(0), x, train=False), images)
     rng = np.random.default_rng(0)
 
-    def randomise(path, leaf):
+    def draw(path, leaf):
         kind = jax.tree_util.keystr(path[-1:])
-        if "var" in kind:
-            return rng.uniform(0.5, 2.0, leaf.shape).astype(np.float32)
-        return rng.normal(0.0, 0.3, leaf.shape).astype(np.float32)
+        if "kernel" in kind:
+            fan_in = int(np.prod(leaf.shape[:-1]))
+            value = rng.normal(0.0, np.sqrt(2.0 / fan_in), leaf.shape)
+        elif "var" in kind:
+            value = rng.uniform(0.5, 2.0, leaf.shape)
+        elif "scale" in kind:
+            value = rng.uniform(0.5, 1.5, leaf.shape)
+        else:  # biases, BatchNorm means
+            value = rng.normal(0.0, 0.3, leaf.shape)
+        return value.astype(np.float32)
 
-    variables = dict(variables)
-    variables["batch_stats"] = jax.tree_util.tree_map_with_path(randomise, variables["batch_stats"])
-    return model, variables
+    variables = jax.tree_util.tree_map_with_path(draw, shapes)
+    return model, {k: variables[k] for k in ("params", "batch_stats")}
 
 
 def write_tiny_export(out_dir: Path, name: str, class_names, platforms=("cpu",)):

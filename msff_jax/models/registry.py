@@ -14,6 +14,7 @@ import functools
 from typing import Any, Callable, Dict, Mapping, Tuple
 
 import flax.linen as nn
+import jax.numpy as jnp
 
 from msff_jax.models.efficientnet import EfficientNet
 from msff_jax.models.mobilenet_v3 import MobileNetV3
@@ -66,6 +67,10 @@ def _freeze(value: Any) -> Any:
 
 
 def get_model(name: str, num_classes: int, **overrides: Any) -> nn.Module:
+    """The linen module `name` with `num_classes` outputs and `overrides` applied.
+
+    `dtype` / `param_dtype` may be given as names ('bfloat16'), as configs hold them.
+    """
     if name not in _PRESETS:
         raise ValueError(f"unknown model {name!r}; known models: {', '.join(MODEL_NAMES)}")
     preset = _PRESETS[name]
@@ -84,8 +89,10 @@ def get_model(name: str, num_classes: int, **overrides: Any) -> nn.Module:
             f"override(s) {clashing} are fixed by model {name!r} "
             f"(they define the architecture the name stands for)"
         )
-    if "num_classes" in overrides:
-        raise ValueError("pass num_classes as the argument, not as an override")
     if not isinstance(num_classes, int) or num_classes < 1:
         raise ValueError(f"num_classes must be a positive int; got {num_classes!r}")
-    return preset(num_classes=num_classes, **{k: _freeze(v) for k, v in overrides.items()})
+    overrides = {k: _freeze(v) for k, v in overrides.items()}
+    for key in ("dtype", "param_dtype"):
+        if key in overrides:
+            overrides[key] = jnp.dtype(overrides[key])
+    return preset(num_classes=num_classes, **overrides)
