@@ -45,8 +45,9 @@ PIPELINES = ("grain_cv2", "grain_pil", "tfdata")
 # ----------------------------------------------------------------------------- CPU time
 
 
-def _tree_cpu_seconds(root_pid: int) -> float:
-    """user+system seconds of `root_pid` and its live descendants (Linux /proc)."""
+def _tree_cpu_seconds(root_pid: int) -> tuple[float, float]:
+    """user+system seconds of `root_pid` alone and with its live descendants (Linux
+    /proc): a large share in the root process would cap scaling with more workers."""
     ticks = os.sysconf("SC_CLK_TCK")
     parents, cpu = {}, {}
     for entry in os.listdir("/proc"):
@@ -67,7 +68,7 @@ def _tree_cpu_seconds(root_pid: int) -> float:
             p = parents.get(p, 0)
         if p == root_pid:
             total += seconds
-    return total
+    return cpu.get(root_pid, 0.0), total
 
 
 # ----------------------------------------------------------------------------- pipelines
@@ -78,7 +79,8 @@ def _grain_batches(args, files_unused):
 
     iterator = reader.make_train_iterator(
         args.data_dir, image_backend=args.run_one.split("_")[1], split=args.split, global_batch_size=args.batch_size, image_size=args.image_size,
-        seed=0, process_index=0, process_count=1, worker_count=args.cores,
+        seed=0, process_index=0, process_count=1,
+        worker_count=args.cores if args.grain_workers is None else args.grain_workers,
         read_threads=args.grain_threads, prefetch_buffer=2,
     )
     return iterator, iterator.close
@@ -138,17 +140,18 @@ def _run_one(args) -> dict:
         batch = next(batches)
     startup_s = time.perf_counter() - started
     num_batches = max(1, args.num_images // args.batch_size)
-    cpu_before, wall_before = _tree_cpu_seconds(os.getpid()), time.perf_counter()
+    (main_before, cpu_before), wall_before = _tree_cpu_seconds(os.getpid()), time.perf_counter()
     for _ in range(num_batches):
         batch = next(batches)
     wall = time.perf_counter() - wall_before
-    cpu = _tree_cpu_seconds(os.getpid()) - cpu_before
+    main_after, cpu_after = _tree_cpu_seconds(os.getpid())
+    cpu, main_cpu = cpu_after - cpu_before, main_after - main_before
     assert batch["image"].shape == (args.batch_size, args.image_size, args.image_size, 3), batch["image"].shape
     assert str(batch["image"].dtype) == "uint8"
     close()
     images = num_batches * args.batch_size
     return {"pipeline": args.run_one, "cores": args.cores, "images": images, "wall_s": wall,
-            "cpu_s": cpu, "startup_s": startup_s}
+            "cpu_s": cpu, "main_cpu_s": main_cpu, "startup_s": startup_s}
 
 
 # ----------------------------------------------------------------------------- driver
@@ -172,14 +175,16 @@ def _ensure_data(args) -> str:
 
 def _table(rows: list[dict]) -> str:
     lines = [
-        "| pipeline | cores | images | wall s | images/s | images/s per core | images per CPU-s | start-up s |",
-        "|---|---|---|---|---|---|---|---|",
+        "| pipeline | cores | images | wall s | images/s | images/s per core | images per CPU-s "
+        "| main-process CPU share | start-up s |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         rate = r["images"] / r["wall_s"]
         lines.append(
             f"| {r['pipeline']} | {r['cores']} | {r['images']} | {r['wall_s']:.1f} | {rate:.0f} | "
-            f"{rate / r['cores']:.0f} | {r['images'] / r['cpu_s']:.0f} | {r['startup_s']:.1f} |"
+            f"{rate / r['cores']:.0f} | {r['images'] / r['cpu_s']:.0f} | {r['main_cpu_s'] / r['cpu_s']:.0%} | "
+            f"{r['startup_s']:.1f} |"
         )
     return "\n".join(lines)
 
@@ -195,7 +200,9 @@ def _parse_args(argv=None):
     parser.add_argument("--batch_size", type=int, default=64)
     parser.add_argument("--image_size", type=int, default=224)
     parser.add_argument("--warmup_batches", type=int, default=3)
-    parser.add_argument("--grain_threads", type=int, default=1, help="reader threads per grain worker")
+    parser.add_argument("--grain_workers", type=int, default=None,
+                        help="grain worker processes (default: --cores; 0 decodes in threads of the main process)")
+    parser.add_argument("--grain_threads", type=int, default=1, help="reader threads per grain process")
     parser.add_argument("--pipelines", default=",".join(PIPELINES))
     parser.add_argument("--repeats", type=int, default=1, help="alternate the pipelines this many times")
     parser.add_argument("--run_one", choices=PIPELINES, help=argparse.SUPPRESS)
@@ -214,8 +221,10 @@ def main(argv=None) -> int:
     for _ in range(args.repeats):
         for name in args.pipelines.split(","):
             command = [sys.executable, __file__, "--run_one", name, "--data_dir", data_dir]
-            for flag in ("split", "cores", "num_images", "batch_size", "image_size", "warmup_batches", "grain_threads"):
-                command += [f"--{flag}", str(getattr(args, flag))]
+            for flag in ("split", "cores", "num_images", "batch_size", "image_size", "warmup_batches", "grain_threads",
+                         "grain_workers"):
+                if getattr(args, flag) is not None:
+                    command += [f"--{flag}", str(getattr(args, flag))]
             result = subprocess.run(command, capture_output=True, text=True, cwd=REPO)
             if result.returncode:
                 sys.stderr.write(result.stderr)

@@ -288,6 +288,22 @@ class MSFFEComNet(nn.Module):
         return self.head(self.dropout(x))
 
 
+# The ablations of paper Table 2, as in `msff_jax.models.get_model`.
+PRESETS: Dict[str, Dict[str, bool]] = {
+    "msff_base": {"use_msp": False, "use_iasm": False},
+    "msff_msp": {"use_msp": True, "use_iasm": False},
+    "msff_iasm": {"use_msp": False, "use_iasm": True},
+    "msff_ecomnet": {"use_msp": True, "use_iasm": True},
+}
+
+
+def build_twin(name: str, num_classes: int, **overrides) -> MSFFEComNet:
+    """The twin of `get_model(name, num_classes, **overrides)` for an MSFF name."""
+    if name not in PRESETS:
+        raise ValueError(f"no PyTorch twin for {name!r}; known: {', '.join(PRESETS)}")
+    return MSFFEComNet(num_classes, **PRESETS[name], **overrides)
+
+
 def flax_variables_to_torch_state_dict(variables) -> Dict[str, torch.Tensor]:
     """Maps Flax MSFF-EComNet variables onto the twin's state-dict keys.
 

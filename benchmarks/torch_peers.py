@@ -69,7 +69,7 @@ MODEL_BUILDERS: Dict[str, Callable[[int], nn.Module]] = {
     "efficientnet_b0": lambda n: torchvision.models.efficientnet_b0(
         weights=None, num_classes=n
     ),
-    "msff_ecomnet": lambda n: msff_torch.MSFFEComNet(num_classes=n),
+    "msff_ecomnet": lambda n: msff_torch.build_twin("msff_ecomnet", n),
 }
 
 # Dense peak FLOP/s by device-name fragment, first match wins (PCIe before the generic
@@ -105,6 +105,16 @@ def count_forward_flops(model: nn.Module, image_size: int, device: torch.device)
     with counter, torch.no_grad():
         model(image)
     return int(counter.get_total_flops())
+
+
+def significant(value: float, digits: int = 5) -> float:
+    """Rounds to significant digits, so tiny CPU rates keep their precision."""
+    return float(f"{value:.{digits}g}")
+
+
+def precision_label(args: argparse.Namespace) -> str:
+    """The dtype column: bfloat16, float32, or tf32 (float32 with TF32 math allowed)."""
+    return "tf32" if (args.dtype == "float32" and args.tf32) else args.dtype
 
 
 def synchronize(device: torch.device) -> None:
@@ -143,15 +153,15 @@ def benchmark_model(
 ) -> Dict[str, object]:
     """Measures one model in one compile setting; returns a CSV row."""
     framework = "pytorch+compile" if compile_model else "pytorch"
-    precision = "tf32" if (args.dtype == "float32" and args.tf32) else args.dtype
+    precision = precision_label(args)
     row: Dict[str, object] = {column: "" for column in CSV_COLUMNS}
     row.update(model=name, framework=framework, device=device_name, dtype=precision)
 
     torch.manual_seed(args.seed)
     model = build_model(name, args.num_classes).to(device)
-    row["param_count"] = round(sum(p.numel() for p in model.parameters()) / 1e6, 4)
+    row["param_count"] = round(sum(p.numel() for p in model.parameters()) / 1e6, 6)
     forward_flops = count_forward_flops(model, args.image_size, device)
-    row["gmacs"] = round(forward_flops / 2 / 1e9, 4)
+    row["gmacs"] = significant(forward_flops / 2 / 1e9)
     model = model.to(memory_format=torch.channels_last)
     runnable = torch.compile(model) if compile_model else model
 
@@ -199,20 +209,20 @@ def benchmark_model(
 
     train_rate = batch / train_seconds
     row.update(
-        infer_samples_per_sec=round(batch / infer_seconds, 2),
-        infer_step_time=round(infer_seconds * 1e3, 3),
+        infer_samples_per_sec=significant(batch / infer_seconds),
+        infer_step_time=significant(infer_seconds * 1e3),
         infer_batch_size=batch,
-        train_samples_per_sec=round(train_rate, 2),
-        train_step_time=round(train_seconds * 1e3, 3),
+        train_samples_per_sec=significant(train_rate),
+        train_step_time=significant(train_seconds * 1e3),
         train_batch_size=batch,
     )
     if compile_model:
         # First inference call plus first train call: dominated by compilation.
-        row["compile_s"] = round(first_calls, 2)
+        row["compile_s"] = significant(first_calls, 4)
     peak = peak_flops(device_name, precision)
     if peak is not None:
         # A train step costs about three forwards (forward, input and weight gradients).
-        row["mfu"] = round(3 * forward_flops * train_rate / peak, 4)
+        row["mfu"] = significant(3 * forward_flops * train_rate / peak, 4)
     return row
 
 
@@ -306,7 +316,7 @@ def main(argv: Optional[Sequence[str]] = None) -> List[Dict[str, object]]:
                     model=name,
                     framework="pytorch+compile" if compile_model else "pytorch",
                     device=device_name,
-                    dtype=args.dtype,
+                    dtype=precision_label(args),
                 )
             finally:
                 if device.type == "cuda":

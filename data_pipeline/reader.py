@@ -42,6 +42,7 @@ __all__ = [
     "make_eval_iterator",
     "make_train_iterator",
     "open_split",
+    "RecordDecodeError",
     "TrainIterator",
 ]
 

@@ -4,15 +4,19 @@ Images stay uint8 from decode to device (4x less host memory and transfer than f
 the trainer normalises on the device.
 
 Decode and resize are nearly all of the pipeline's CPU time, so:
-- Both crops choose their window from the image header alone (PIL reads only the
-  header on `Image.open`), then decode *reduced*: libjpeg decodes at 1/2, 1/4 or 1/8
-  scale for a fraction of the cost whenever the crop is at least twice the output size,
-  never below what the output needs (same output size, nearly the same pixels).
+- Both crops choose their window from the image size in the header alone (read by
+  `header_size`, or by PIL, which parses only the header on `Image.open`), then decode
+  *reduced*: libjpeg decodes at 1/2, 1/4 or 1/8 scale for a fraction of the cost
+  whenever the crop is at least twice the output size, never below what the output
+  needs (same output size, nearly the same pixels).
 - Two backends do the pixel work. `cv2` (OpenCV: `imdecode` with `IMREAD_REDUCED_*`,
-  `resize` bilinear) is about twice as fast per image as `pil` (Pillow: `Image.draft`,
-  antialiased `resize`) and is the default when installed; `pil` needs nothing beyond
-  Pillow. Over 2x downscaling never happens (the reduced decode sees to that), so
-  OpenCV's lack of antialiasing costs nothing here.
+  bilinear `resize`) takes about half the CPU time per image of `pil` (Pillow:
+  `Image.draft`, antialiased `resize`; see BENCHMARKS.md) and is the default when
+  installed; `pil` needs nothing beyond Pillow. Thanks to the reduced decode, the final
+  resize shrinks by less than 2x unless an image is over 16x the output size, so
+  OpenCV's lack of antialiasing costs next to nothing.
+- Both ignore EXIF orientation, as TensorFlow's decoders do, so pixels match the size
+  recorded in the shards.
 
 PNG and other formats decode at full size.
 """
@@ -149,9 +153,10 @@ def _decode_box_resized_pil(image: Image.Image, box: Box, size: int, reduced_dec
 
 _CV2_FLAGS = {}
 if cv2 is not None:
-    _CV2_FLAGS = {1: cv2.IMREAD_COLOR_RGB}
+    _CV2_FLAGS = {1: cv2.IMREAD_COLOR_RGB | cv2.IMREAD_IGNORE_ORIENTATION}
     for _factor, _flag in ((2, cv2.IMREAD_REDUCED_COLOR_2), (4, cv2.IMREAD_REDUCED_COLOR_4), (8, cv2.IMREAD_REDUCED_COLOR_8)):
-        _CV2_FLAGS[_factor] = (_flag & ~cv2.IMREAD_COLOR) | cv2.IMREAD_COLOR_RGB
+        # The REDUCED flags include IMREAD_COLOR (BGR), which cannot be combined with RGB.
+        _CV2_FLAGS[_factor] = (_flag & ~cv2.IMREAD_COLOR) | cv2.IMREAD_COLOR_RGB | cv2.IMREAD_IGNORE_ORIENTATION
 
 
 def _decode_box_resized_cv2(image_bytes: bytes, full_size: tuple[int, int], box: Box, size: int, reduced_decode: bool) -> np.ndarray:

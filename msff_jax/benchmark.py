@@ -347,7 +347,7 @@ def _row(
         "param_count": param_count / 1e6,
         # A multiply-add is 2 FLOPs in XLA's count, 1 MAC in timm's.
         "gmacs": forward_flops_per_image / 2e9 if forward_flops_per_image else None,
-        "framework": "jax",
+        "framework": bench.framework,
         "device": environment["device"],
         "dtype": config.dtype,
         "mfu": mfu,

@@ -313,8 +313,9 @@ def load_model_and_variables(export_dir: Path, metadata: Optional[dict] = None):
     path = (export_dir / metadata["variables"]["dir"]).absolute()
     if not path.is_dir():
         raise FileNotFoundError(f"{path} is missing (named by {meta_path})")
-    model = get_model(metadata["model"], metadata["num_classes"],
-                      dtype=jnp.dtype(metadata["dtype"]), **metadata["model_overrides"])
+    overrides = dict(metadata["model_overrides"])
+    overrides.setdefault("dtype", jnp.dtype(metadata["dtype"]))
+    model = get_model(metadata["model"], metadata["num_classes"], **overrides)
     size = metadata["preprocessing"]["image_size"]
     expected = jax.eval_shape(
         lambda x: model.init(jax.random.key(0), x, train=False),

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import functools
 import json
 import logging
 import math
@@ -136,6 +137,8 @@ def load_throughput(csv_path: Path) -> tuple[dict[str, Throughput], list[dict[st
     for line, row in enumerate(rows, start=2):
         if (row.get("device", ""), row.get("dtype", "")) != reference:
             continue
+        if not (row["infer_samples_per_sec"] or "").strip():
+            continue  # inference not measured in this row
         try:
             speed = float(row["infer_samples_per_sec"])
         except ValueError as err:
@@ -151,6 +154,13 @@ def load_throughput(csv_path: Path) -> tuple[dict[str, Throughput], list[dict[st
 
 def count_params(model_name: str, num_classes: int, overrides: dict[str, Any]) -> int:
     """Parameter count of our model definition, from shapes alone."""
+    return _count_params_cached(model_name, num_classes, json.dumps(overrides, sort_keys=True))
+
+
+@functools.lru_cache(maxsize=None)
+def _count_params_cached(model_name: str, num_classes: int, overrides_json: str) -> int:
+    """Tracing a full-size model takes seconds; a report asks for each count once."""
+    overrides = json.loads(overrides_json)
     import jax
     import jax.numpy as jnp
 
@@ -189,6 +199,12 @@ def _ours(run: Optional[RunResult], key: str) -> str:
     return _percent(run.results[key]) if run else MISSING
 
 
+def _params_m(model: str, params: dict[str, int], runs: dict[str, RunResult]) -> str:
+    if model not in params:
+        return MISSING
+    return f"{params[model] / 1e6:.2f}" + ("" if model in runs else "*")
+
+
 def ablation_table(runs: dict[str, RunResult]) -> list[str]:
     header = ["Model", "MSP-Conv", "IASM",
               "Precision (top-1) ours", "Precision paper", "Macro precision ours",
@@ -219,7 +235,7 @@ def comparison_table(runs: dict[str, RunResult], params: dict[str, int],
             _ours(run, "top1"), _paper(paper.precision), _ours(run, "macro_precision"),
             _ours(run, "macro_recall"), _paper(paper.recall),
             _ours(run, "macro_f1"), _paper(paper.f1),
-            f"{params[model] / 1e6:.2f}" if model in params else MISSING,
+            _params_m(model, params, runs),
             _paper(paper.params_m),
             f"{speed.samples_per_sec:.1f}" if speed else MISSING,
         ])
@@ -233,7 +249,8 @@ def runs_table(runs: dict[str, RunResult], params: dict[str, int]) -> list[str]:
     for model in paper_tables.STUDY_MODELS + tuple(sorted(set(runs) - set(paper_tables.STUDY_MODELS))):
         run = runs.get(model)
         if run is None:
-            rows.append([f"`{model}`", MISSING] + [""] * 6 + [f"{params.get(model, '')}"])
+            count = f"{params[model]:,}*" if model in params else ""
+            rows.append([f"`{model}`", MISSING] + [""] * 6 + [count])
             continue
         support = run.results.get("per_class", {}).get("support")
         rows.append([
@@ -347,9 +364,9 @@ def build_report(runs_dir: Path, runs: dict[str, RunResult], params: dict[str, i
     lines += comparison_table(runs, params, throughput) + [""]
     lines += [
         "Parameter counts ('ours') are measured from our model definitions at each run's "
-        "number of classes and model overrides (the default architecture where a run is "
-        "missing). The paper's baseline counts are 1000-class ImageNet counts "
-        "(NOTES.md section 5).",
+        "number of classes and model overrides; * marks a model without a run, counted "
+        "in its default architecture. The paper's baseline counts are 1000-class "
+        "ImageNet counts (NOTES.md section 5).",
         "",
     ]
     if throughput:

@@ -31,8 +31,9 @@ def example_ids(images: np.ndarray) -> list[int]:
     return [int(round(float(img[..., 0].mean()) / 8)) for img in images]
 
 
-def write_dataset(data_dir, split="train", num_examples=NUM_EXAMPLES, num_shards=3):
-    """Shards and manifest in the ARCHITECTURE.md format, written with the codec."""
+def write_dataset(data_dir, split="train", num_examples=NUM_EXAMPLES, num_shards=3, broken_image_ids=()):
+    """Shards and manifest in the ARCHITECTURE.md format, written with the codec.
+    Examples in `broken_image_ids` carry bytes that are no image (their CRCs are fine)."""
     os.makedirs(data_dir, exist_ok=True)
     shards = []
     ids = np.array_split(np.arange(num_examples), num_shards)
@@ -40,7 +41,8 @@ def write_dataset(data_dir, split="train", num_examples=NUM_EXAMPLES, num_shards
         name = f"{split}-{shard_index:05d}-of-{num_shards:05d}.tfrecord"
         records = [
             example_codec.encode_example(
-                image_bytes=_encoded_image(i, i % NUM_CLASSES), image_format="jpeg",
+                image_bytes=b"no image here" if i in broken_image_ids else _encoded_image(i, i % NUM_CLASSES),
+                image_format="jpeg",
                 height=24, width=32, label=i % NUM_CLASSES,
                 class_text=f"class{i % NUM_CLASSES}", filename=f"img/p{i}/img_{i:08d}.jpg",
             )
@@ -239,6 +241,16 @@ def test_bit_flip_without_checksum_check_is_caught_by_record_crc(tmp_path):
     iterator = _train(str(tmp_path), verify_checksums=False)
     with pytest.raises(tfrecord_format.TFRecordCorruptionError, match=rf"{shard.name}: record 2 .*checksum"):
         _take(iterator, 1)
+
+
+def test_undecodable_image_names_shard_and_record(tmp_path):
+    content = write_dataset(tmp_path, num_examples=6, num_shards=2, broken_image_ids=(4,))
+    shard = content["splits"]["train"]["shards"][1]["file"]
+    with pytest.raises(reader.RecordDecodeError, match=rf"{shard}: record 1: cannot decode image"):
+        _take(_train(str(tmp_path)), 1)
+    with pytest.raises(reader.RecordDecodeError, match=rf"{shard}: record 1: cannot decode image"):
+        list(reader.make_eval_iterator(str(tmp_path), split="train", global_batch_size=6, image_size=IMAGE_SIZE,
+                                       process_index=0, process_count=1))
 
 
 def test_record_count_disagreeing_with_manifest_is_named(tmp_path):

@@ -30,7 +30,9 @@ def exact_float32():
     """Both frameworks in exact float32, so only rounding separates the logits."""
     previous = jax.config.jax_default_matmul_precision
     jax.config.update("jax_default_matmul_precision", "highest")
-    torch.set_num_threads(2)
+    # One thread: on a shared 2-core machine, two OpenMP threads spin-wait on each
+    # other and run ~10x slower.
+    torch.set_num_threads(1)
     yield
     jax.config.update("jax_default_matmul_precision", previous)
 
@@ -54,9 +56,14 @@ def test_converted_torchvision_model_gives_the_same_logits(name, tmp_path):
 
 
 def tiny_variables(name, num_classes=15, seed=0):
+    """A tiny model's variable tree filled with random numbers (traced, not compiled)."""
     module = get_model(name, num_classes, **TINY_OVERRIDES[name])
-    images = np.zeros((1, 32, 32, 3), np.float32)
-    return jax.jit(module.init)(jax.random.PRNGKey(seed), images)
+    images = jax.ShapeDtypeStruct((1, 32, 32, 3), np.float32)
+    shapes = jax.eval_shape(module.init, jax.random.PRNGKey(0), images)
+    rng = np.random.default_rng(seed)
+    return jax.tree_util.tree_map(
+        lambda leaf: rng.standard_normal(leaf.shape).astype(leaf.dtype), shapes
+    )
 
 
 def as_torch_state_dict(variables):

@@ -186,3 +186,14 @@ def test_header_size_of_progressive_jpeg():
 @pytest.mark.parametrize("bad", [b"", b"GIF89a....", JPEG[:20]], ids=["empty", "gif", "cut_before_frame"])
 def test_header_size_is_none_when_unknown(bad):
     assert transforms.header_size(bad) is None
+
+
+def test_exif_orientation_is_ignored_by_both_backends():
+    image = Image.fromarray(_gradient(80, 40))
+    exif = image.getexif()
+    exif[0x0112] = 6  # "rotate 90 degrees to display"
+    buffer = io.BytesIO()
+    image.save(buffer, "JPEG", quality=95, exif=exif)
+    pil = transforms.decode_resize_center_crop(buffer.getvalue(), 32, backend="pil")
+    opencv = transforms.decode_resize_center_crop(buffer.getvalue(), 32, backend="cv2")
+    assert np.abs(pil.astype(int) - opencv.astype(int)).mean() < 4

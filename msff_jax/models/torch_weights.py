@@ -23,9 +23,13 @@ reaches the published accuracy: every Flax leaf is filled exactly once, every te
 the file is used (the head's may be left out with `skip_head`), and every problem is
 reported at once by key, with both shapes.
 
-timm: its `resnet50` uses torchvision's module names, so its state dicts convert as
-`resnet50` unchanged. Its `efficientnet_b0` and `mobilenetv3_large_100` name their
-modules differently (`conv_stem`, `blocks.*`) and are not mapped.
+timm state dicts (the `.safetensors` files timm publishes) are accepted too:
+`resnet50` uses torchvision's module names already; `efficientnet_b0` and
+`mobilenetv3_large_100` (`conv_stem`, `blocks.<stage>.<block>.conv_dw`, ...) are
+renamed to torchvision's keys first (`timm_to_torchvision_keys`); `load_pretrained`
+recognises them by their `conv_stem.weight`. The architectures are the same, with one
+exception: timm's MobileNetV3 uses BatchNorm epsilon 1e-5 where torchvision uses 1e-3,
+so build `mobilenet_v3_large` with `norm_epsilon=1e-5` for timm's exact outputs.
 """
 
 from __future__ import annotations
@@ -185,6 +189,85 @@ def convert_torchvision(
     return converted
 
 
+def is_timm_state_dict(state_dict: Mapping[str, Any]) -> bool:
+    """timm's EfficientNet and MobileNetV3 call their stem `conv_stem`."""
+    return "conv_stem.weight" in state_dict
+
+
+def _timm_block_layers(kind: str, has_se: bool) -> Dict[str, str]:
+    """timm's layer names inside one block -> torchvision's `block.<i>` names."""
+    if kind == "inverted_residual":  # expand, depthwise, [SE], project
+        order = [("conv_pw", "bn1"), ("conv_dw", "bn2"), "se", ("conv_pwl", "bn3")]
+    else:  # depthwise separable: depthwise, [SE], project
+        order = [("conv_dw", "bn1"), "se", ("conv_pw", "bn2")]
+    if not has_se:
+        order.remove("se")
+    names = {}
+    for index, layer in enumerate(order):
+        if layer == "se":
+            names["se.conv_reduce"] = f"block.{index}.fc1"
+            names["se.conv_expand"] = f"block.{index}.fc2"
+        else:
+            names[layer[0]] = f"block.{index}.0"
+            names[layer[1]] = f"block.{index}.1"
+    return names
+
+
+def timm_to_torchvision_keys(
+    model_name: str, state_dict: Mapping[str, np.ndarray]
+) -> Dict[str, np.ndarray]:
+    """Renames a timm EfficientNet-B0 / MobileNetV3-Large state dict to torchvision's.
+
+    Blocks are told apart by their layers (`conv_pwl`: inverted residual; `conv_dw`
+    alone: depthwise separable; `conv`: the plain conv that ends MobileNetV3's body).
+    EfficientNet keeps timm's stage/block numbering (`features.<stage + 1>.<block>`);
+    MobileNetV3 numbers its blocks flat (`features.<n>`). Keys that fit no pattern keep
+    their name and are reported as unexpected by the converter.
+    """
+    if model_name not in HEAD_PREFIXES:
+        raise ValueError(
+            f"no timm weight mapping for model {model_name!r}; "
+            f"convertible models: {', '.join(CONVERTIBLE_MODELS)}"
+        )
+    if model_name == "resnet50":
+        return dict(state_dict)
+    block_pattern = re.compile(r"blocks\.(\d+)\.(\d+)\.(.+)")
+    blocks: Dict[Tuple[int, int], set] = {}
+    for key in state_dict:
+        match = block_pattern.fullmatch(key)
+        if match:
+            blocks.setdefault((int(match[1]), int(match[2])), set()).add(match[3])
+    flat_index = {block: i + 1 for i, block in enumerate(sorted(blocks))}
+
+    renames = {"conv_stem": "features.0.0", "bn1": "features.0.1"}
+    if model_name == "efficientnet_b0":
+        last = len({stage for stage, _ in blocks}) + 1  # the 1x1 conv after the stages
+        renames.update({"conv_head": f"features.{last}.0", "bn2": f"features.{last}.1",
+                        "classifier": "classifier.1"})
+    else:
+        renames.update({"conv_head": "classifier.0", "classifier": "classifier.3"})
+    for (stage, block), leaves in blocks.items():
+        prefix = (f"features.{flat_index[(stage, block)]}" if model_name == "mobilenet_v3_large"
+                  else f"features.{stage + 1}.{block}")
+        modules = {leaf.rsplit(".", 1)[0] for leaf in leaves}
+        if "conv" in modules:  # MobileNetV3's closing 1x1 conv, BN, hard-swish
+            layers = {"conv": "0", "bn1": "1"}
+        else:
+            kind = "inverted_residual" if "conv_pwl" in modules else "depthwise_separable"
+            layers = _timm_block_layers(kind, has_se="se.conv_reduce" in modules)
+        for timm_name, torchvision_name in layers.items():
+            renames[f"blocks.{stage}.{block}.{timm_name}"] = f"{prefix}.{torchvision_name}"
+
+    renamed = {}
+    for key, tensor in state_dict.items():
+        module, leaf = key.rsplit(".", 1)
+        new_key = f"{renames[module]}.{leaf}" if module in renames else key
+        if new_key == "classifier.0.weight":  # timm's conv_head is a 1x1 conv
+            tensor = np.asarray(tensor).reshape(tensor.shape[:2])
+        renamed[new_key] = tensor
+    return renamed
+
+
 def load_pretrained(
     model_name: str,
     path: os.PathLike | str,
@@ -193,11 +276,15 @@ def load_pretrained(
 ) -> Dict[str, Any]:
     """`variables` with the baseline's weights replaced by those in a safetensors file.
 
+    torchvision and timm state dicts are both accepted (see the module docstring).
+
     The entry point for training (`config.pretrained_path`): pass the freshly
     initialised variables; with `skip_head` their classifier is kept.
     """
     state_dict = load_safetensors(path)
     try:
+        if is_timm_state_dict(state_dict):
+            state_dict = timm_to_torchvision_keys(model_name, state_dict)
         return convert_torchvision(model_name, state_dict, variables, skip_head=skip_head)
     except WeightConversionError as error:
         raise WeightConversionError(f"{os.fspath(path)}: {error}") from error
