@@ -39,6 +39,21 @@ TORCHVISION_BUILDERS = {
     "mobilenet_v3_large": torchvision.models.mobilenet_v3_large,
     "efficientnet_b0": torchvision.models.efficientnet_b0,
 }
+TIMM_NAMES = {
+    "resnet50": "resnet50",
+    "mobilenet_v3_large": "mobilenetv3_large_100",
+    "efficientnet_b0": "efficientnet_b0",
+}
+# Flax overrides that reproduce timm's variant exactly (torch_weights' docstring).
+TIMM_FLAX_OVERRIDES = {"mobilenet_v3_large": {"norm_epsilon": 1e-5}}
+
+
+def build_reference(name: str, num_classes: int, source: str) -> torch.nn.Module:
+    if source == "timm":
+        import timm  # only this option needs it (requirements-torch.txt)
+
+        return timm.create_model(TIMM_NAMES[name], pretrained=False, num_classes=num_classes)
+    return TORCHVISION_BUILDERS[name](weights=None, num_classes=num_classes)
 
 
 def randomise_batchnorm(model: torch.nn.Module, seed: int) -> None:
@@ -59,7 +74,7 @@ def last_linear(model: torch.nn.Module) -> torch.nn.Linear:
 
 
 def torchvision_model(
-    name: str, num_classes: int, seed: int, image_size: int
+    name: str, num_classes: int, seed: int, image_size: int, source: str = "torchvision"
 ) -> torch.nn.Module:
     """Random torchvision model whose logits are of order 1.
 
@@ -68,7 +83,7 @@ def torchvision_model(
     scaled down, once, so the largest logit on a random batch is about 1.
     """
     torch.manual_seed(seed)
-    model = TORCHVISION_BUILDERS[name](weights=None, num_classes=num_classes)
+    model = build_reference(name, num_classes, source)
     randomise_batchnorm(model, seed)
     model.eval()
     generator = torch.Generator().manual_seed(seed + 1)
@@ -89,6 +104,7 @@ def compare(
     batch_size: int,
     num_classes: int,
     seed: int,
+    flax_overrides: Optional[Dict[str, object]] = None,
 ) -> Dict[str, float]:
     """Logit differences of torch vs converted Flax on one random batch."""
     images = np.random.default_rng(seed).standard_normal(
@@ -97,7 +113,7 @@ def compare(
     with torch.no_grad():
         expected = torch_model(torch.from_numpy(images.transpose(0, 3, 1, 2))).numpy()
 
-    module = get_model(name, num_classes)
+    module = get_model(name, num_classes, **(flax_overrides or {}))
     template = jax.eval_shape(
         module.init, jax.random.PRNGKey(0), jax.ShapeDtypeStruct(images.shape, np.float32)
     )
@@ -123,6 +139,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--tolerance", type=float, default=1e-3,
                         help="largest accepted absolute logit difference")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--source", choices=("torchvision", "timm"), default="torchvision",
+                        help="whose model and state-dict names to check against")
     args = parser.parse_args(argv)
 
     # Exact float32 convolutions and matmuls on both sides, so only rounding differs.
@@ -131,19 +149,20 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     torch.backends.cuda.matmul.allow_tf32 = False
 
     print(f"jax {jax.__version__} on {jax.devices()[0].platform}, torch {torch.__version__}, "
-          f"torchvision {torchvision.__version__}")
+          f"torchvision {torchvision.__version__}; reference: {args.source}")
     failures = []
     with tempfile.TemporaryDirectory() as tmp:
         for name in args.models:
             torch_model = torchvision_model(
-                name, args.num_classes, args.seed, args.image_sizes[0]
+                name, args.num_classes, args.seed, args.image_sizes[0], args.source
             )
+            overrides = TIMM_FLAX_OVERRIDES.get(name, {}) if args.source == "timm" else {}
             weights_path = Path(tmp) / f"{name}.safetensors"
             save_file(torch_model.state_dict(), str(weights_path))
             for size in args.image_sizes:
                 start = time.perf_counter()
                 result = compare(name, torch_model, weights_path, size, args.batch_size,
-                                 args.num_classes, args.seed)
+                                 args.num_classes, args.seed, overrides)
                 ok = result["max_abs"] <= args.tolerance
                 if not ok:
                     failures.append(f"{name}@{size}")

@@ -1,8 +1,9 @@
 """Guards the torchvision -> Flax weight mapping of the three baselines.
 
-The first test does the real thing: torchvision's own model (random weights, random
-BatchNorm statistics) saved to safetensors, converted, and compared logit for logit at
-64 px. The others pin the converter's strictness on tiny models, without torch.
+The first tests do the real thing: torchvision's (and timm's) own model, with random
+weights and random BatchNorm statistics, saved to safetensors, converted, and compared
+logit for logit at 64 px. The others pin the converter's strictness on tiny models,
+without torch.
 """
 
 import jax
@@ -12,7 +13,7 @@ import torch
 from flax import traverse_util
 from safetensors.numpy import save_file as save_numpy
 
-from benchmarks.check_torch_equivalence import compare, torchvision_model
+from benchmarks.check_torch_equivalence import TIMM_FLAX_OVERRIDES, compare, torchvision_model
 from msff_jax.models import TINY_OVERRIDES, get_model
 from msff_jax.models.torch_weights import (
     CONVERTIBLE_MODELS,
@@ -50,6 +51,31 @@ def test_converted_torchvision_model_gives_the_same_logits(name, tmp_path):
 
     assert 0.1 < result["logit_scale"] < 10, result
     assert result["max_abs"] < 1e-4, result
+
+
+@pytest.mark.parametrize("name", ["mobilenet_v3_large", "efficientnet_b0"])
+def test_converted_timm_model_gives_the_same_logits(name, tmp_path):
+    """timm names its modules differently; load_pretrained renames them."""
+    from safetensors.torch import save_file
+
+    torch_model = torchvision_model(name, num_classes=10, seed=2, image_size=64,
+                                    source="timm")
+    path = tmp_path / f"timm_{name}.safetensors"
+    save_file(torch_model.state_dict(), str(path))
+
+    result = compare(name, torch_model, path, image_size=64, batch_size=2, num_classes=10,
+                     seed=2, flax_overrides=TIMM_FLAX_OVERRIDES.get(name))
+
+    assert 0.1 < result["logit_scale"] < 10, result
+    assert result["max_abs"] < 1e-4, result
+
+
+def test_timm_resnet50_uses_torchvision_names():
+    import timm
+    import torchvision
+
+    timm_keys = set(timm.create_model("resnet50", pretrained=False).state_dict())
+    assert timm_keys == set(torchvision.models.resnet50().state_dict())
 
 
 # ---- torch-free checks on tiny models -------------------------------------------------
