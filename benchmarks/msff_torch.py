@@ -181,6 +181,7 @@ class MSFFBlock(nn.Module):
         **norm,
     ):
         super().__init__()
+        self.use_msp = use_msp
         if use_msp:
             self.msp_conv = MultiScaleParallelConv(in_channels, features, stride, **norm)
         else:
@@ -192,8 +193,7 @@ class MSFFBlock(nn.Module):
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        mixer = self.msp_conv if hasattr(self, "msp_conv") else self.conv_unit
-        x = mixer(x)
+        x = self.msp_conv(x) if self.use_msp else self.conv_unit(x)
         return self.iasm(x) if self.iasm is not None else x
 
 

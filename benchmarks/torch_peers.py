@@ -43,6 +43,7 @@ if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks import msff_torch  # noqa: E402
+from msff_jax.benchmarking.device_peaks import peak_flops_per_second  # noqa: E402
 
 CSV_COLUMNS = (
     "model",
@@ -72,21 +73,14 @@ MODEL_BUILDERS: Dict[str, Callable[[int], nn.Module]] = {
     "msff_ecomnet": lambda n: msff_torch.build_twin("msff_ecomnet", n),
 }
 
-# Dense peak FLOP/s by device-name fragment, first match wins (PCIe before the generic
-# H100 entry). "float32" is the plain FP32 peak; "tf32" applies when --tf32 is given.
-PEAK_FLOPS = (
-    ("H100 PCIe", {"bfloat16": 756e12, "tf32": 378e12, "float32": 51e12}),
-    ("H100", {"bfloat16": 989e12, "tf32": 494e12, "float32": 67e12}),
-    ("H200", {"bfloat16": 989e12, "tf32": 494e12, "float32": 67e12}),
-)
-
 
 def peak_flops(device_name: str, precision: str) -> Optional[float]:
-    """Dense peak FLOP/s of a known device for `precision`, else None."""
-    for fragment, peaks in PEAK_FLOPS:
-        if fragment in device_name:
-            return peaks.get(precision)
-    return None
+    """Dense peak FLOP/s from the JAX benchmark's table (one table for both frameworks).
+
+    torch's `get_device_name` and JAX's `device_kind` give the same string. TF32 has no
+    entry, so a `tf32` run gets no MFU rather than one against the wrong ceiling.
+    """
+    return peak_flops_per_second(device_name, precision)
 
 
 def build_model(name: str, num_classes: int) -> nn.Module:

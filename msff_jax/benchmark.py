@@ -7,7 +7,7 @@ For each model in `config.benchmark.models` this builds exactly what training bu
 step of `msff_jax.steps` with its donated state, BatchNorm update and on-device
 normalisation of uint8 images), compiles it once ahead of time, and times it on a
 synthetic batch already on the device: warm-up excluded, `block_until_ready` at the
-end of each timed repeat, median over repeats. Then the same for the eval forward.
+end of each timed repeat, median over repeats. Then the same for the eval step.
 
 Per model it reports parameters, forward FLOPs per image from XLA's cost analysis,
 training and inference throughput, compile time, the step's device memory, and model
@@ -35,9 +35,9 @@ import numpy as np
 from absl import logging
 
 from msff_jax import mesh as mesh_lib
-from msff_jax import optimizers, preprocessing, steps, train_state
+from msff_jax import optimizers, steps, train_state
 from msff_jax.benchmarking import device_peaks, outputs, timing
-from msff_jax.models import TINY_OVERRIDES, get_model
+from msff_jax.models import TINY_OVERRIDES
 
 CSV_NAME = "benchmark.csv"
 TABLE_NAME = "benchmark.md"
@@ -94,8 +94,9 @@ def _check_config(config) -> None:
     for field in ("timed_steps", "repeats"):
         if bench[field] < 1:
             raise ValueError(f"config.benchmark.{field}={bench[field]} must be at least 1.")
-    if bench.warmup_steps < 0:
-        raise ValueError(f"config.benchmark.warmup_steps={bench.warmup_steps} must be >= 0.")
+    for field in ("warmup_steps", "end_to_end_warmup_steps"):
+        if bench[field] < 0:
+            raise ValueError(f"config.benchmark.{field}={bench[field]} must be >= 0.")
     unknown = [m for m in bench.end_to_end_models if m not in bench.models]
     if bench.end_to_end and unknown:
         raise ValueError(
@@ -127,11 +128,11 @@ def _config_for_model(config, name: str):
 # -------------------------------------------------------------------- one model
 def _benchmark_model(config, mesh, environment) -> tuple[list[dict], dict]:
     bench = config.benchmark
-    dtype = train_state.compute_dtype(config)
-    model = get_model(config.model, config.num_classes, dtype=dtype, **config.model_overrides)
+    # Built exactly as msff_jax.train builds them.
+    model = train_state.build_model(config)
     tx = optimizers.make_optimizer(config, _NOMINAL_STEPS_PER_EPOCH)
     state = train_state.create_train_state(
-        config, model, tx, mesh, jax.random.key(config.seed)
+        config, model, tx, mesh, jax.random.PRNGKey(config.seed)
     )
     param_count = sum(int(np.prod(p.shape)) for p in jax.tree.leaves(state.params))
     sharding = mesh_lib.batch_sharding(mesh)
@@ -139,10 +140,11 @@ def _benchmark_model(config, mesh, environment) -> tuple[list[dict], dict]:
 
     # Forward FLOPs per image come from the eval forward's cost analysis: counting
     # them in the train step would mix in the backward pass and optimizer.
-    forward = make_inference_forward(config, model)
+    # The eval step evaluation uses: uint8 in, normalised on the device, logits out.
+    forward = steps.make_eval_step(config, model, mesh)
     infer_batch = _synthetic_batch(config, bench.infer_batch_size, sharding, seed=1)
     forward_lowered, forward_compiled, forward_compile_s = timing.compile_ahead_of_time(
-        forward, state.eval_variables(), infer_batch["image"]
+        forward, state.eval_variables(), infer_batch
     )
     forward_flops = timing.analysed_flops(forward_lowered) or timing.analysed_flops(
         forward_compiled
@@ -184,7 +186,7 @@ def _benchmark_model(config, mesh, environment) -> tuple[list[dict], dict]:
         variables = holder["state"].eval_variables()
 
         def run_infer_steps(count: int):
-            return [forward_compiled(variables, infer_batch["image"]) for _ in range(count)]
+            return [forward_compiled(variables, infer_batch) for _ in range(count)]
 
         infer_s, infer_repeats = timing.time_per_step(
             run_infer_steps,
@@ -238,23 +240,6 @@ def _benchmark_model(config, mesh, environment) -> tuple[list[dict], dict]:
     return rows, details
 
 
-def make_inference_forward(config, model):
-    """The jitted eval forward: uint8 images normalised on the device, then the model.
-
-    Same normalisation as the training step, so inference is timed on the same input
-    format (uint8 from the host) that serving would send.
-    """
-    dtype = train_state.compute_dtype(config)
-
-    def forward(variables, images_uint8):
-        images = preprocessing.normalize_images(
-            images_uint8, config.mean_rgb, config.stddev_rgb, dtype
-        )
-        return model.apply(variables, images, train=False)
-
-    return jax.jit(forward)
-
-
 def _synthetic_batch(config, batch_size: int, sharding, seed: int) -> dict[str, jax.Array]:
     """Random uint8 images and labels, placed on the mesh like real batches.
 
@@ -286,9 +271,9 @@ def _check_finite_loss(run_train_steps, model_name: str) -> None:
 def _time_end_to_end(config, train_compiled, holder, sharding) -> tuple[float, list[float]]:
     """The compiled step fed from the shards by the grain reader and device feed.
 
-    Worker start-up and the prefetch buffers' first fill fall into the warm-up; the
-    median over repeats then reflects the steady state even when the buffers give the
-    first timed repeat a head start.
+    Worker start-up and the batches buffered meanwhile fall into the warm-up
+    (`end_to_end_warmup_steps`); the median over repeats then reflects the steady
+    state even if a buffer gives the first timed repeat a head start.
     """
     from data_pipeline import device_feed, reader  # Grain only for this run.
 
@@ -312,7 +297,7 @@ def _time_end_to_end(config, train_compiled, holder, sharding) -> tuple[float, l
 
         return timing.time_per_step(
             run_fed_steps,
-            warmup_steps=max(bench.warmup_steps, 2 * bench.end_to_end_prefetch),
+            warmup_steps=bench.end_to_end_warmup_steps,
             timed_steps=bench.timed_steps,
             repeats=bench.repeats,
         )

@@ -249,7 +249,7 @@ def save_explanation(path: Path, image: np.ndarray, explanation: Explanation,
     for axis in axes:
         axis.axis("off")
     figure.suptitle(caption, fontsize=9)
-    figure.tight_layout()
+    figure.tight_layout(rect=(0, 0, 1, 0.9))  # leave the top band to the caption
     path.parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(path, dpi=100)
     plt.close(figure)

@@ -119,35 +119,72 @@ def test_ablations_differ_from_the_full_model_only_in_the_dropped_modules(
 # ---------------------------------------------------------------- tiny models, compiled
 
 
+@functools.lru_cache(maxsize=None)
+def jitted_init(name, **overrides):
+    return jax.jit(functools.partial(tiny_model(name, **overrides).init, train=False))
+
+
 @pytest.fixture(scope="module")
 def tiny_variables():
-    """Initialised variables of every tiny model (each init compiled once)."""
-    return {
-        name: jax.jit(functools.partial(tiny_model(name).init, train=False))(
-            jax.random.key(0), images()
+    """Initialised variables of every tiny model."""
+    return {name: jitted_init(name)(jax.random.key(0), images()) for name in MODEL_NAMES}
+
+
+@functools.lru_cache(maxsize=None)
+def eval_and_train(name):
+    """One compiled function per model: an eval forward and a training forward/backward.
+
+    Compilation dominates on CPU, so everything the tests need from a model is
+    computed by this single jitted function.
+    """
+    module = tiny_model(name)
+
+    def loss_fn(params, batch_stats, x, key):
+        logits, updates = module.apply(
+            {"params": params, "batch_stats": batch_stats},
+            x,
+            train=True,
+            mutable=["batch_stats"],
+            rngs={"dropout": key},
         )
+        loss = jnp.mean(jax.nn.logsumexp(logits, axis=-1) - logits[:, 0])
+        return loss, (logits, updates["batch_stats"])
+
+    def run(variables, x, key):
+        eval_logits, eval_state = module.apply(
+            variables, x, train=False, mutable=["intermediates", "batch_stats"]
+        )
+        grads, (train_logits, train_stats) = jax.grad(loss_fn, has_aux=True)(
+            variables["params"], variables["batch_stats"], x, key
+        )
+        return {
+            "eval_logits": eval_logits,
+            "intermediates": eval_state["intermediates"],
+            "eval_stats": eval_state["batch_stats"],
+            "grads": grads,
+            "train_logits": train_logits,
+            "train_stats": train_stats,
+        }
+
+    return jax.jit(run)
+
+
+@pytest.fixture(scope="module")
+def tiny_runs(tiny_variables):
+    return {
+        name: eval_and_train(name)(tiny_variables[name], images(1), jax.random.key(2))
         for name in MODEL_NAMES
     }
 
 
-@functools.lru_cache(maxsize=None)
-def eval_forward(name):
-    module = tiny_model(name)
-    return jax.jit(
-        lambda variables, x: module.apply(
-            variables, x, train=False, mutable=["intermediates"]
-        )
-    )
-
-
 @pytest.mark.parametrize("name", MODEL_NAMES)
-def test_output_shape_dtype_and_sown_intermediates(name, tiny_variables):
-    logits, state = eval_forward(name)(tiny_variables[name], images())
+def test_output_shape_dtype_and_sown_intermediates(name, tiny_runs):
+    logits = tiny_runs[name]["eval_logits"]
     assert logits.shape == (BATCH, NUM_CLASSES)
     assert logits.dtype == jnp.float32
     assert np.isfinite(np.asarray(logits)).all()
 
-    inter = state["intermediates"]
+    inter = tiny_runs[name]["intermediates"]
     (features,) = inter["features"]
     assert features.ndim == 4 and features.shape[0] == BATCH
 
@@ -167,65 +204,42 @@ def test_output_shape_dtype_and_sown_intermediates(name, tiny_variables):
         assert maps == []
 
 
-@functools.lru_cache(maxsize=None)
-def train_step(name):
-    """Loss, gradients and new BatchNorm statistics of one training forward/backward."""
-    module = tiny_model(name)
-
-    def loss_fn(params, batch_stats, x, key):
-        logits, updates = module.apply(
-            {"params": params, "batch_stats": batch_stats},
-            x,
-            train=True,
-            mutable=["batch_stats"],
-            rngs={"dropout": key},
-        )
-        return jnp.mean(jax.nn.logsumexp(logits, axis=-1) - logits[:, 0]), (
-            logits,
-            updates["batch_stats"],
-        )
-
-    return jax.jit(jax.grad(loss_fn, has_aux=True))
-
-
 @pytest.mark.parametrize("name", MODEL_NAMES)
-def test_training_step_updates_batch_norm_statistics(name, tiny_variables):
-    variables = tiny_variables[name]
-    grads, (logits, new_stats) = train_step(name)(
-        variables["params"], variables["batch_stats"], images(1), jax.random.key(2)
-    )
-    assert all(np.isfinite(np.asarray(g)).all() for g in jax.tree_util.tree_leaves(grads))
-    assert any(float(jnp.abs(g).max()) > 0 for g in jax.tree_util.tree_leaves(grads))
+def test_training_step_updates_batch_norm_statistics(name, tiny_variables, tiny_runs):
+    run = tiny_runs[name]
+    grads = jax.tree_util.tree_leaves(run["grads"])
+    assert all(np.isfinite(np.asarray(g)).all() for g in grads)
+    assert any(float(jnp.abs(g).max()) > 0 for g in grads)
 
-    old = jax.tree_util.tree_leaves(variables["batch_stats"])
-    new = jax.tree_util.tree_leaves(new_stats)
+    old = jax.tree_util.tree_leaves(tiny_variables[name]["batch_stats"])
+    new = jax.tree_util.tree_leaves(run["train_stats"])
     assert len(old) == len(new) > 0
     assert all(not np.array_equal(o, n) for o, n in zip(old, new))
 
-    if name == "resnet50":  # torchvision's ResNet has neither dropout nor stochastic depth
-        return
-    # Dropout / stochastic depth draw from the 'dropout' rng: another key, other logits.
-    _, (other_logits, _) = train_step(name)(
-        variables["params"], variables["batch_stats"], images(1), jax.random.key(3)
-    )
-    _, (same_logits, _) = train_step(name)(
-        variables["params"], variables["batch_stats"], images(1), jax.random.key(2)
-    )
-    np.testing.assert_array_equal(np.asarray(logits), np.asarray(same_logits))
-    assert not np.allclose(np.asarray(logits), np.asarray(other_logits))
-
-
-@pytest.mark.parametrize("name", ["msff_ecomnet", "resnet50"])
-def test_eval_mode_leaves_batch_norm_statistics_fixed(name, tiny_variables):
-    variables = tiny_variables[name]
-    module = tiny_model(name)
-    _, state = module.apply(variables, images(1), train=False, mutable=["batch_stats"])
-    jax.tree_util.tree_map(
-        np.testing.assert_array_equal, state["batch_stats"], variables["batch_stats"]
-    )
-
 
 @pytest.mark.parametrize("name", MODEL_NAMES)
+def test_eval_mode_leaves_batch_norm_statistics_fixed(name, tiny_variables, tiny_runs):
+    jax.tree_util.tree_map(
+        np.testing.assert_array_equal,
+        tiny_runs[name]["eval_stats"],
+        tiny_variables[name]["batch_stats"],
+    )
+
+
+@pytest.mark.parametrize("name", sorted(set(MODEL_NAMES) - {"resnet50"}))
+def test_dropout_and_stochastic_depth_use_the_dropout_rng(name, tiny_variables, tiny_runs):
+    # (torchvision's ResNet-50 has neither.)
+    def train_logits(key):
+        run = eval_and_train(name)(tiny_variables[name], images(1), jax.random.key(key))
+        return np.asarray(run["train_logits"])
+
+    np.testing.assert_array_equal(train_logits(2), np.asarray(tiny_runs[name]["train_logits"]))
+    assert not np.allclose(train_logits(3), train_logits(2))
+
+
+@pytest.mark.parametrize(
+    "name", ["msff_ecomnet", "resnet50", "mobilenet_v3_large", "efficientnet_b0"]
+)
 def test_bfloat16_computation_keeps_float32_parameters(name, tiny_variables):
     module = tiny_model(name, dtype=jnp.bfloat16)
     abstract = jax.eval_shape(
@@ -244,7 +258,7 @@ def test_bfloat16_computation_keeps_float32_parameters(name, tiny_variables):
 
 
 def test_same_seed_gives_identical_initialisation(tiny_variables):
-    init = jax.jit(functools.partial(tiny_model("msff_ecomnet").init, train=False))
+    init = jitted_init("msff_ecomnet")
     again = init(jax.random.key(0), images())
     other = init(jax.random.key(1), images())
     jax.tree_util.tree_map(
@@ -288,7 +302,7 @@ def test_batch_sharded_over_eight_devices_matches_one_device(tiny_variables):
 
 def test_eca_channel_attention_option(tiny_variables):
     module = tiny_model("msff_ecomnet", channel_attention="eca")
-    variables = jax.jit(functools.partial(module.init, train=False))(
+    variables = jitted_init("msff_ecomnet", channel_attention="eca")(
         jax.random.key(0), images()
     )
     shapes = flat_shapes(variables)

@@ -90,6 +90,7 @@ def test_peak_table_matches_device_names():
     assert torch_peers.peak_flops("NVIDIA H100 80GB HBM3", "bfloat16") == 989e12
     assert torch_peers.peak_flops("NVIDIA H100 PCIe", "bfloat16") == 756e12
     assert torch_peers.peak_flops("NVIDIA H200", "float32") == 67e12
+    assert torch_peers.peak_flops("NVIDIA H100 80GB HBM3", "tf32") is None
     assert torch_peers.peak_flops("cpu", "bfloat16") is None
 
 

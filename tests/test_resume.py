@@ -1,0 +1,169 @@
+"""Exact resume: SIGKILL or SIGTERM at a random step, rerun the same command, and the
+final parameters are bitwise those of an uninterrupted run.
+
+All runs are real `launch.py` processes on one small digits shard set, sharing a JAX
+compilation cache so only the first one pays for compilation.
+"""
+
+import os
+import random
+import re
+import shutil
+import signal
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+from data_pipeline import digits
+from msff_jax import checkpointing
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+NUM_STEPS = 12
+
+CONFIG_TEMPLATE = '''
+from configs import default
+from msff_jax.models import TINY_OVERRIDES
+
+
+def get_config():
+    config = default.get_config()
+    config.model_overrides = TINY_OVERRIDES["msff_ecomnet"]
+    config.data_dir = {data_dir!r}
+    config.num_classes = 10
+    config.image_size = 32
+    config.dtype = "float32"
+    config.batch_size = 16
+    config.eval_batch_size = 64
+    config.num_train_steps = {num_steps}
+    config.optimizer.warmup_epochs = 0
+    config.ema_decay = 0.9
+    config.data.worker_count = 0
+    config.data.read_threads = 1
+    config.log_every_steps = 1
+    config.eval_every_steps = 5
+    config.checkpoint.every_steps = 3
+    config.checkpoint.keep = 2
+    return config
+'''
+
+
+def write_tiny_config(directory, data_dir, num_steps=NUM_STEPS):
+    path = os.path.join(directory, "tiny_config.py")
+    with open(path, "w") as f:
+        f.write(CONFIG_TEMPLATE.format(data_dir=data_dir, num_steps=num_steps))
+    return path
+
+
+def load_config(path):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("tiny_config", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config()
+
+
+def subprocess_env(cache_dir, device_count=8):
+    return dict(os.environ, JAX_PLATFORMS="cpu",
+                XLA_FLAGS=f"--xla_force_host_platform_device_count={device_count}",
+                JAX_COMPILATION_CACHE_DIR=cache_dir,
+                JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+                JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
+
+
+def launch_args(config_path, workdir, *extra):
+    return [sys.executable, "launch.py", "--config", config_path, "--workdir", workdir, *extra]
+
+
+def run_to_end(config_path, workdir, env, timeout=600):
+    result = subprocess.run(launch_args(config_path, workdir), cwd=REPO, env=env,
+                            capture_output=True, text=True, timeout=timeout)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result.stderr
+
+
+def run_and_signal(config_path, workdir, env, sig, at_step, timeout=600):
+    """Starts training and sends `sig` once the log shows step `at_step` finished."""
+    process = subprocess.Popen(launch_args(config_path, workdir), cwd=REPO, env=env,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    lines, sent = [], False
+    try:
+        for line in process.stderr:
+            lines.append(line)
+            match = re.search(r"\] \[(\d+)\] train/", line)
+            if not sent and match and int(match.group(1)) >= at_step:
+                process.send_signal(sig)
+                sent = True
+        process.wait(timeout=timeout)
+    finally:
+        if process.poll() is None:
+            process.kill()
+    assert sent, "training ended before the signal could be sent:\n" + "".join(lines[-30:])
+    return process.returncode, "".join(lines)
+
+
+def final_params(config_path, workdir):
+    variables, step = checkpointing.restore_for_inference(load_config(config_path), workdir, "latest")
+    return jax.device_get(variables), step
+
+
+def assert_bitwise_equal(a, b):
+    leaves_a, tree_a = jax.tree.flatten(a)
+    leaves_b, tree_b = jax.tree.flatten(b)
+    assert tree_a == tree_b
+    for x, y in zip(leaves_a, leaves_b):
+        assert x.dtype == y.dtype and np.array_equal(x, y)
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("resume")
+    data_dir = str(root / "digits")
+    digits.write_digits_shards(data_dir, image_size=32, seed=0)
+    config_path = write_tiny_config(str(root), data_dir)
+    env = subprocess_env(str(root / "jax_cache"))
+    reference = str(root / "reference")
+    run_to_end(config_path, reference, env)
+    params, step = final_params(config_path, reference)
+    assert step == NUM_STEPS
+    return dict(root=root, config=config_path, env=env, reference=reference, params=params)
+
+
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM], ids=["SIGKILL", "SIGTERM"])
+def test_interrupted_run_resumes_bitwise(setup, sig):
+    at_step = random.Random().randint(2, NUM_STEPS - 2)
+    workdir = str(setup["root"] / f"interrupted_{sig.name}")
+    returncode, log = run_and_signal(setup["config"], workdir, setup["env"], sig, at_step)
+    if sig == signal.SIGTERM:
+        # Preemption: a checkpoint at the step it stopped, then a clean exit.
+        assert returncode == 0, log[-3000:]
+        match = re.search(r"checkpoint at step (\d+) written", log)
+        assert match, log[-3000:]
+        stopped = int(match.group(1))
+        assert at_step <= stopped < NUM_STEPS
+        assert stopped in checkpointing.make_manager(
+            workdir, load_config(setup["config"]), read_only=True).all_steps()
+    else:
+        assert returncode == -signal.SIGKILL
+    log = run_to_end(setup["config"], workdir, setup["env"])
+    assert "resuming from" in log
+    params, step = final_params(setup["config"], workdir)
+    assert step == NUM_STEPS
+    assert_bitwise_equal(params, setup["params"])
+
+
+def test_uncommitted_checkpoint_is_never_restored(setup, tmp_path):
+    """A step directory Orbax had not finished (still under its temporary name) is
+    invisible: the manager lists and restores only committed steps."""
+    workdir = tmp_path / "work"
+    shutil.copytree(setup["reference"], workdir)
+    checkpoints = workdir / "checkpoints"
+    shutil.copytree(checkpoints / str(NUM_STEPS), checkpoints / f"{NUM_STEPS + 3}.orbax-checkpoint-tmp-1234")
+    manager = checkpointing.make_manager(str(workdir), load_config(setup["config"]), read_only=True)
+    assert manager.latest_step() == NUM_STEPS
+    assert NUM_STEPS + 3 not in manager.all_steps()
+    # The best checkpoint by validation macro-F1 is kept beside the latest ones.
+    assert manager.best_step() in manager.all_steps()
