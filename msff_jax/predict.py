@@ -24,6 +24,7 @@ needs the model code and the export's Orbax variables (see `msff_jax.explain`).
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import sys
 import warnings
@@ -78,25 +79,45 @@ def collect_files(inputs: Iterable[str]) -> list[Path]:
     return files
 
 
-def load_image(path: Path, image_size: int, crop_fraction: float, max_file_bytes: float) -> np.ndarray:
-    """The eval transform of one file; ValueError with the reason when unusable.
+def _decode_errors() -> tuple[type[BaseException], ...]:
+    """What a corrupt file can raise inside the eval transform (OpenCV has its own type)."""
+    try:
+        import cv2
+    except ImportError:
+        return (ValueError, OSError, SyntaxError)
+    return (ValueError, OSError, SyntaxError, cv2.error)
 
-    PIL's decompression-bomb warning (pixels above MAX_IMAGE_PIXELS) is turned into an
-    error here, so a bomb is refused from its header, before any pixel is decoded.
-    """
+
+def check_header(data: bytes) -> tuple[int, int]:
+    """(width, height) from the header alone, refusing non-images and decompression
+    bombs before any pixel is decoded: PIL's MAX_IMAGE_PIXELS check runs on open, and
+    its warning (between the limit and twice it) is turned into an error here."""
     from PIL import Image
 
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        try:
+            with Image.open(io.BytesIO(data)) as image:
+                return image.size
+        except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
+            raise ValueError(f"decompression bomb refused: {err}") from err
+        except Exception as err:  # UnidentifiedImageError, OSError, SyntaxError...
+            raise ValueError(f"cannot decode image: {err}") from err
+
+
+def load_image(path: Path, image_size: int, crop_fraction: float, max_file_bytes: float) -> np.ndarray:
+    """The eval transform of one file; ValueError with the reason when unusable."""
     from data_pipeline.transforms import decode_resize_center_crop
 
     size = path.stat().st_size
     if size > max_file_bytes:
         raise ValueError(f"file of {size / 2**20:.0f} MB exceeds --max_file_mb")
-    with warnings.catch_warnings():
-        warnings.simplefilter("error", Image.DecompressionBombWarning)
-        try:
-            return decode_resize_center_crop(path.read_bytes(), image_size, crop_fraction)
-        except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
-            raise ValueError(f"decompression bomb refused: {err}") from err
+    data = path.read_bytes()
+    check_header(data)
+    try:
+        return decode_resize_center_crop(data, image_size, crop_fraction)
+    except _decode_errors() as err:
+        raise ValueError(f"cannot decode image: {err}") from err
 
 
 def top_predictions(probabilities: np.ndarray, class_names: Sequence[str], k: int) -> list[dict]:
@@ -165,7 +186,7 @@ def predict(args: argparse.Namespace) -> int:
                     images.append(load_image(path, prep["image_size"], prep["crop_fraction"],
                                              args.max_file_mb * 2**20))
                     good.append(path)
-                except (ValueError, OSError) as err:
+                except (ValueError, OSError) as err:  # load_image's reasons; OSError: unreadable
                     skipped.append((path, str(err)))
                     progress.write(f"skipped {path}: {err}", file=sys.stderr)
             progress.update(len(batch_files))

@@ -8,8 +8,6 @@ the cross-device reductions, so its statistics are those of the whole global bat
 
 from __future__ import annotations
 
-import functools
-
 import jax
 import jax.numpy as jnp
 import optax
@@ -98,7 +96,7 @@ def make_train_step(config, model, tx, mesh):
         scale = state.loss_scale.scale if use_loss_scale else jnp.ones((), jnp.float32)
         grads, loss, correct, batch_stats = compute_grads(state, batch, dropout_rng, scale)
         grads = jax.tree.map(lambda g: g / scale, grads)
-        grad_norm = optax.global_norm(grads)
+        grad_norm = optax.tree.norm(grads)
         grads_finite = jnp.isfinite(grad_norm)
         loss_finite = jnp.isfinite(loss)
 

@@ -178,3 +178,15 @@ def test_explain_grad_cam_for_baseline(exports, folder, tmp_path, capsys):
         (panel,) = explanation.panels
         np.testing.assert_allclose(panel.values, expected, rtol=1e-4, atol=1e-6)
         assert panel.values.max() > 0
+
+
+def test_pixel_limit_refuses_from_the_header(monkeypatch):
+    """--max_image_pixels lowers PIL's limit; between it and twice it PIL only warns,
+    which predict turns into a refusal too."""
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)
+    buffer = io.BytesIO()
+    _photo(40, 40, 5).save(buffer, format="PNG")  # 1600 pixels: over 1000, under 2000
+    with pytest.raises(ValueError, match="decompression bomb refused"):
+        predict.check_header(buffer.getvalue())
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 2000)
+    assert predict.check_header(buffer.getvalue()) == (40, 40)

@@ -67,8 +67,11 @@ def load_config(path):
 
 
 def subprocess_env(cache_dir, device_count=8):
+    """Simulated CPU devices; LLVM optimisation off (compiles ~3x faster, and these tiny
+    models run as fast); a persistent compilation cache shared by the runs."""
     return dict(os.environ, JAX_PLATFORMS="cpu",
-                XLA_FLAGS=f"--xla_force_host_platform_device_count={device_count}",
+                XLA_FLAGS=f"--xla_force_host_platform_device_count={device_count} "
+                          "--xla_backend_optimization_level=0",
                 JAX_COMPILATION_CACHE_DIR=cache_dir,
                 JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
                 JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")

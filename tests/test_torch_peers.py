@@ -65,6 +65,15 @@ def test_tiny_cpu_run_appends_rows_in_the_shared_format(tmp_path):
         sum(p.numel() for p in twin.parameters()) / 1e6, abs=1e-6)
 
 
+def test_compiled_bfloat16_run_of_the_twin(tmp_path):
+    """torch.compile's tracing (the 'eager' backend: no C++ build) and bf16 autocast."""
+    rows = torch_peers.main(["--models", "msff_ecomnet", *TINY_RUN, "--compile", "on",
+                             "--compile_backend", "eager", "--dtype", "bfloat16"])
+    (row,) = rows
+    assert (row["framework"], row["dtype"]) == ("pytorch+compile", "bfloat16")
+    assert float(row["train_samples_per_sec"]) > 0 and float(row["compile_s"]) > 0
+
+
 def test_a_failing_model_gets_an_empty_row_and_the_run_goes_on(tmp_path, monkeypatch, capsys):
     def broken(num_classes):
         raise RuntimeError("no kernel for this model")

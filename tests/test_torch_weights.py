@@ -139,14 +139,16 @@ def test_torch_keys_follow_torchvision_names():
 def test_missing_key_is_named(tiny):
     state = as_torch_state_dict(tiny["resnet50"])
     del state["layer1.0.bn2.running_var"]
-    with pytest.raises(WeightConversionError, match=r"1 missing key\(s\): layer1\.0\.bn2\.running_var"):
+    missing = r"1 missing key\(s\): layer1\.0\.bn2\.running_var"
+    with pytest.raises(WeightConversionError, match=missing):
         convert_torchvision("resnet50", state, tiny["resnet50"])
 
 
 def test_unexpected_key_is_named(tiny):
     state = as_torch_state_dict(tiny["mobilenet_v3_large"])
     state["features.99.0.weight"] = np.zeros((1, 1, 1, 1), np.float32)
-    with pytest.raises(WeightConversionError, match=r"unexpected key\(s\): features\.99\.0\.weight"):
+    unexpected = r"unexpected key\(s\): features\.99\.0\.weight"
+    with pytest.raises(WeightConversionError, match=unexpected):
         convert_torchvision("mobilenet_v3_large", state, tiny["mobilenet_v3_large"])
 
 
