@@ -14,7 +14,7 @@ Rules the report keeps, because a reader will hold our numbers against the paper
   our recall and F1 are the macro averages over classes;
 - parameter counts are measured from our model definitions (`get_model` +
   `jax.eval_shape`, nothing is allocated) at each run's class count and overrides;
-- throughput comes from the benchmark CSV (`RUNS_DIR/benchmark/results.csv` by default)
+- throughput comes from the benchmark CSV (`RUNS_DIR/benchmark/benchmark.csv` by default)
   when it exists.
 """
 
@@ -34,7 +34,9 @@ from msff_jax import paper_tables
 REPORT_FILE = "report.md"
 PARAMS_PLOT = "accuracy_vs_params.png"
 THROUGHPUT_PLOT = "accuracy_vs_throughput.png"
-DEFAULT_BENCHMARK_CSV = Path("benchmark") / "results.csv"
+# `python launch.py --config configs/benchmark.py --workdir RUNS_DIR/benchmark --mode
+# benchmark` writes this file (msff_jax.benchmark.CSV_NAME).
+DEFAULT_BENCHMARK_CSV = Path("benchmark") / "benchmark.csv"
 DEFAULT_NUM_CLASSES = 15
 _REQUIRED_RESULT_KEYS = ("model", "top1", "macro_precision", "macro_recall", "macro_f1")
 MISSING = "missing"
@@ -122,9 +124,10 @@ def collect_runs(runs_dir: Path) -> dict[str, RunResult]:
 
 
 def load_throughput(csv_path: Path) -> tuple[dict[str, Throughput], list[dict[str, str]]]:
-    """Per model, the fastest inference row among those of the CSV's first
-    (device, dtype) pair, so every compared figure comes from one machine and one
-    precision. Also returns all rows for the report's full table."""
+    """Per model, the fastest inference row among the model-only rows (`input`
+    'synthetic': on-device data, no input pipeline) of the CSV's first (framework,
+    device, dtype), so every compared figure comes from one framework, one machine and
+    one precision. Also returns all rows for the report's full table."""
     with csv_path.open(newline="") as handle:
         rows = list(csv.DictReader(handle))
     if not rows:
@@ -132,10 +135,16 @@ def load_throughput(csv_path: Path) -> tuple[dict[str, Throughput], list[dict[st
     for column in ("model", "infer_samples_per_sec"):
         if column not in rows[0]:
             raise ValueError(f"{csv_path}: no column {column!r}; columns are {list(rows[0])}")
-    reference = (rows[0].get("device", ""), rows[0].get("dtype", ""))
+    def key(row):
+        return (row.get("framework", ""), row.get("device", ""), row.get("dtype", ""))
+
+    model_only = [row for row in rows if row.get("input", "") in ("", "synthetic")]
+    if not model_only:
+        return {}, rows
+    reference = key(model_only[0])
     best: dict[str, Throughput] = {}
     for line, row in enumerate(rows, start=2):
-        if (row.get("device", ""), row.get("dtype", "")) != reference:
+        if row not in model_only or key(row) != reference:
             continue
         if not (row["infer_samples_per_sec"] or "").strip():
             continue  # inference not measured in this row
@@ -148,7 +157,7 @@ def load_throughput(csv_path: Path) -> tuple[dict[str, Throughput], list[dict[st
             continue
         model = row["model"]
         if model not in best or speed > best[model].samples_per_sec:
-            best[model] = Throughput(speed, row.get("infer_batch_size", ""), *reference)
+            best[model] = Throughput(speed, row.get("infer_batch_size", ""), *reference[1:])
     return best, rows
 
 
@@ -264,7 +273,8 @@ def runs_table(runs: dict[str, RunResult], params: dict[str, int]) -> list[str]:
 
 
 def benchmark_table(rows: list[dict[str, str]]) -> list[str]:
-    columns = ["model", "device", "dtype", "infer_batch_size", "infer_samples_per_sec",
+    columns = ["model", "framework", "device", "dtype", "input", "infer_batch_size",
+               "infer_samples_per_sec",
                "train_batch_size", "train_samples_per_sec", "gmacs", "mfu"]
     columns = [c for c in columns if c in rows[0]]
     return _markdown_table(columns, [[row.get(c, "") for c in columns] for row in rows])
@@ -372,7 +382,8 @@ def build_report(runs_dir: Path, runs: dict[str, RunResult], params: dict[str, i
     if throughput:
         any_row = next(iter(throughput.values()))
         lines += [f"Inference throughput from `{benchmark_csv}` ({any_row.device}, "
-                  f"{any_row.dtype}; the fastest batch size per model).", ""]
+                  f"{any_row.dtype}; model only, on-device synthetic input; the fastest "
+                  "batch size per model).", ""]
     else:
         lines += [f"No benchmark CSV at `{benchmark_csv}`: throughput not reported.", ""]
     lines += ["## Runs", ""] + runs_table(runs, params) + [""]

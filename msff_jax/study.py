@@ -9,7 +9,7 @@ crash in one run is reported (with the tail of its log, RUNS_DIR/MODEL/launch.lo
 the others still run. A run whose eval_results.json exists is finished and skipped, and
 an unfinished one resumes from its checkpoints, so rerunning the command after an
 interruption continues where it stopped. Finally `RUNS_DIR/report.md` is written
-(`msff_jax.report`), with throughput when RUNS_DIR/benchmark/results.csv exists
+(`msff_jax.report`), with throughput when RUNS_DIR/benchmark/benchmark.csv exists
 (`python launch.py --config configs/benchmark.py --workdir RUNS_DIR/benchmark --mode benchmark`).
 
 `--demo` uses the CPU miniature recipe of configs/demo.py (its synthetic data is made on

@@ -28,6 +28,20 @@ BASELINE_PARAMS_AT_1000 = {
 PAPER_MSFF_PARAMS = 11.79e6
 
 
+@pytest.fixture(scope="module", autouse=True)
+def fast_cpu_compilation():
+    """XLA's CPU compiler dominates these tests; its expensive passes are not under test."""
+    previous = jax.config.jax_disable_most_optimizations
+    jax.config.update("jax_disable_most_optimizations", True)
+    yield
+    jax.config.update("jax_disable_most_optimizations", previous)
+
+
+def key(seed):
+    """RngBitGenerator keys: deterministic like threefry, far cheaper to compile on CPU."""
+    return jax.random.key(seed, impl="rbg")
+
+
 def abstract_variables(module, image_size=64):
     images = jax.ShapeDtypeStruct((1, image_size, image_size, 3), jnp.float32)
     return jax.eval_shape(
@@ -127,7 +141,7 @@ def jitted_init(name, **overrides):
 @pytest.fixture(scope="module")
 def tiny_variables():
     """Initialised variables of every tiny model."""
-    return {name: jitted_init(name)(jax.random.key(0), images()) for name in MODEL_NAMES}
+    return {name: jitted_init(name)(key(0), images()) for name in MODEL_NAMES}
 
 
 @functools.lru_cache(maxsize=None)
@@ -172,7 +186,7 @@ def eval_and_train(name):
 @pytest.fixture(scope="module")
 def tiny_runs(tiny_variables):
     return {
-        name: eval_and_train(name)(tiny_variables[name], images(1), jax.random.key(2))
+        name: eval_and_train(name)(tiny_variables[name], images(1), key(2))
         for name in MODEL_NAMES
     }
 
@@ -229,8 +243,8 @@ def test_eval_mode_leaves_batch_norm_statistics_fixed(name, tiny_variables, tiny
 @pytest.mark.parametrize("name", sorted(set(MODEL_NAMES) - {"resnet50"}))
 def test_dropout_and_stochastic_depth_use_the_dropout_rng(name, tiny_variables, tiny_runs):
     # (torchvision's ResNet-50 has neither.)
-    def train_logits(key):
-        run = eval_and_train(name)(tiny_variables[name], images(1), jax.random.key(key))
+    def train_logits(seed):
+        run = eval_and_train(name)(tiny_variables[name], images(1), key(seed))
         return np.asarray(run["train_logits"])
 
     np.testing.assert_array_equal(train_logits(2), np.asarray(tiny_runs[name]["train_logits"]))
@@ -243,7 +257,7 @@ def test_dropout_and_stochastic_depth_use_the_dropout_rng(name, tiny_variables, 
 def test_bfloat16_computation_keeps_float32_parameters(name, tiny_variables):
     module = tiny_model(name, dtype=jnp.bfloat16)
     abstract = jax.eval_shape(
-        functools.partial(module.init, train=False), jax.random.key(0), images()
+        functools.partial(module.init, train=False), key(0), images()
     )
     assert {leaf.dtype for leaf in jax.tree_util.tree_leaves(abstract)} == {
         jnp.dtype(jnp.float32)
@@ -259,8 +273,8 @@ def test_bfloat16_computation_keeps_float32_parameters(name, tiny_variables):
 
 def test_same_seed_gives_identical_initialisation(tiny_variables):
     init = jitted_init("msff_ecomnet")
-    again = init(jax.random.key(0), images())
-    other = init(jax.random.key(1), images())
+    again = init(key(0), images())
+    other = init(key(1), images())
     jax.tree_util.tree_map(
         np.testing.assert_array_equal, again, tiny_variables["msff_ecomnet"]
     )
@@ -302,9 +316,7 @@ def test_batch_sharded_over_eight_devices_matches_one_device(tiny_variables):
 
 def test_eca_channel_attention_option(tiny_variables):
     module = tiny_model("msff_ecomnet", channel_attention="eca")
-    variables = jitted_init("msff_ecomnet", channel_attention="eca")(
-        jax.random.key(0), images()
-    )
+    variables = jitted_init("msff_ecomnet", channel_attention="eca")(key(0), images())
     shapes = flat_shapes(variables)
     eca = {p: s for p, s in shapes.items() if "/iasm/channel/" in p}
     assert eca and all(p.endswith("/iasm/channel/conv/kernel") for p in eca)
@@ -334,8 +346,8 @@ def test_unknown_or_fixed_overrides_are_refused():
     with pytest.raises(ValueError, match="fixed by model 'msff_base'"):
         get_model("msff_base", NUM_CLASSES, use_iasm=True)
     with pytest.raises(ValueError, match="channel_attention"):
-        tiny_model("msff_ecomnet", channel_attention="se").init(
-            jax.random.key(0), images(batch=1)
+        jax.eval_shape(
+            tiny_model("msff_ecomnet", channel_attention="se").init, key(0), images(batch=1)
         )
 
 

@@ -34,21 +34,27 @@ def _write_run(runs_dir, model, scores, dirname=None):
 
 def _write_benchmark(runs_dir):
     (runs_dir / "benchmark").mkdir()
-    with (runs_dir / "benchmark" / "results.csv").open("w", newline="") as f:
+    with (runs_dir / report.DEFAULT_BENCHMARK_CSV).open("w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(["model", "infer_samples_per_sec", "infer_step_time", "infer_batch_size",
                          "train_samples_per_sec", "train_step_time", "train_batch_size",
                          "param_count", "gmacs", "framework", "device", "dtype", "mfu",
-                         "compile_s"])
+                         "compile_s", "train_memory_gb", "input"])
+        h100 = ["jax", "NVIDIA H100", "bfloat16"]
         writer.writerow(["msff_ecomnet", "1500.5", "0.17", "256", "700", "0.36", "256",
-                         "11790000", "1.2", "jax", "NVIDIA H100", "bfloat16", "0.1", "30"])
-        writer.writerow(["msff_ecomnet", "1800.25", "0.28", "512", "", "", "", "", "", "jax",
-                         "NVIDIA H100", "bfloat16", "", ""])
+                         "11790000", "1.2", *h100, "0.1", "30", "3", "synthetic"])
+        writer.writerow(["msff_ecomnet", "1800.25", "0.28", "512", "", "", "", "", "", *h100,
+                         "", "", "", "synthetic"])
         writer.writerow(["resnet50", "2500", "0.1", "256", "900", "0.28", "256",
-                         "23500000", "4.1", "jax", "NVIDIA H100", "bfloat16", "0.2", "40"])
-        # Another machine: must not be mixed into the comparison.
+                         "23500000", "4.1", *h100, "0.2", "40", "5", "synthetic"])
+        # Not comparable, so never in the comparison: end to end through the input
+        # pipeline, another framework, another machine, inference not measured.
+        writer.writerow(["msff_ecomnet", "", "", "", "650", "0.4", "256", "", "", *h100,
+                         "", "", "", "shards (8 workers)"])
+        writer.writerow(["resnet50", "99999", "0.1", "256", "", "", "", "", "", "torch",
+                         "NVIDIA H100", "bfloat16", "", "", "", "synthetic"])
         writer.writerow(["msff_base", "99999", "0.1", "256", "", "", "", "", "", "jax",
-                         "cpu", "float32", "", ""])
+                         "cpu", "float32", "", "", "", "synthetic"])
 
 
 def _table(markdown, heading):
@@ -113,9 +119,16 @@ def test_comparison_table(written):
     assert mobilenet["Inference img/s ours"] == "missing"
     assert mobilenet["Params (M) ours"].endswith("*")  # measured, default architecture
     assert "top-1 accuracy" in markdown and "NVIDIA H100, bfloat16" in markdown
+    assert "| msff_base | jax | cpu |" in markdown  # every CSV row listed for reference
     runs_table = _table(markdown, "## Runs")
     assert runs_table["`resnet50`"]["Params"] == f"{RESNET50_PARAMS_15_CLASSES:,}"
     assert runs_table["`msff_iasm`"]["Run directory"] == "missing"
+
+
+def test_default_csv_is_the_benchmark_modes_file():
+    from msff_jax import benchmark
+
+    assert report.DEFAULT_BENCHMARK_CSV.name == benchmark.CSV_NAME
 
 
 def test_plots_written(written):

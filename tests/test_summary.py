@@ -3,7 +3,6 @@
 import jax
 import jax.numpy as jnp
 import ml_collections
-import numpy as np
 import pytest
 
 from msff_jax.models import TINY_OVERRIDES, get_model
@@ -12,30 +11,31 @@ from msff_jax.summary import _cost_flops, forward_flops, print_summary, summariz
 TORCHVISION_RESNET50_GMACS = 4.09
 
 
-def test_tiny_summary_counts_parameters_and_flops():
-    module = get_model("msff_ecomnet", 15, **TINY_OVERRIDES["msff_ecomnet"])
-    summary = summarize(module, image_size=32)
-    params = module.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)), train=False)["params"]
-    assert summary.num_params == sum(int(np.prod(p.shape)) for p in jax.tree_util.tree_leaves(params))
-    assert summary.flops > 0 and summary.gmacs == pytest.approx(summary.flops / 2e9)
-    assert "stage1_block0" in summary.table and "MSFFEComNet" in summary.table
-    # Plain text: no terminal colour codes in logs.
-    assert "\x1b[" not in summary.table
+def test_resnet50_summary_matches_torchvision_parameters_and_flops():
+    summary = summarize(get_model("resnet50", 1000), image_size=224, table_depth=1)
+    assert summary.num_params == 25_557_032
+    # XLA counts a multiply-add as 2 FLOPs; torchvision's table is in MACs.
+    assert summary.gmacs == pytest.approx(TORCHVISION_RESNET50_GMACS, rel=0.05)
+    assert summary.gmacs == pytest.approx(summary.flops / 2e9)
+    assert "layer4_2" in summary.table and "ResNet" in summary.table
+    assert "\x1b[" not in summary.table  # plain text for logs, no terminal colours
 
 
 def test_flops_grow_with_image_area():
-    module = get_model("msff_ecomnet", 15, **TINY_OVERRIDES["msff_ecomnet"])
-    small = summarize(module, image_size=32, table_depth=1).flops
-    large = summarize(module, image_size=64, table_depth=1).flops
-    assert 3.5 < large / small < 4.5
+    module = get_model("mobilenet_v3_large", 15, **TINY_OVERRIDES["mobilenet_v3_large"])
+    variables = jax.eval_shape(
+        lambda x: module.init(jax.random.key(0), x, train=False),
+        jax.ShapeDtypeStruct((1, 32, 32, 3), jnp.float32),
+    )
 
+    def flops(size):
+        images = jax.ShapeDtypeStruct((1, size, size, 3), jnp.float32)
+        return forward_flops(module, variables, images)
 
-def test_resnet50_flops_agree_with_torchvision_table():
-    module = get_model("resnet50", 1000)
-    images = jax.ShapeDtypeStruct((1, 224, 224, 3), jnp.float32)
-    variables = jax.eval_shape(lambda x: module.init(jax.random.key(0), x, train=False), images)
-    flops = forward_flops(module, variables, images)
-    assert flops / (2 * TORCHVISION_RESNET50_GMACS * 1e9) == pytest.approx(1, abs=0.05)
+    small, large = flops(32), flops(64)
+    assert small > 0
+    # Everything but the classifier scales with the area (4x).
+    assert 3.0 < large / small < 4.2
 
 
 def test_cost_analysis_in_either_jax_format():

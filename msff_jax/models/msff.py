@@ -48,7 +48,7 @@ from typing import Any, Sequence
 import flax.linen as nn
 import jax.numpy as jnp
 
-from msff_jax.models.attention import ResidualAttention
+from msff_jax.models.attention import CHANNEL_ATTENTIONS, ResidualAttention
 from msff_jax.models.layers import (
     ConvNormAct,
     ModuleDef,
@@ -149,6 +149,11 @@ class MSFFEComNet(nn.Module):
 
     @nn.compact
     def __call__(self, images: jnp.ndarray, train: bool = False) -> jnp.ndarray:
+        if self.use_iasm and self.channel_attention not in CHANNEL_ATTENTIONS:
+            raise ValueError(
+                f"channel_attention must be one of {CHANNEL_ATTENTIONS}; "
+                f"got {self.channel_attention!r}"
+            )
         if len(self.stage_sizes) != len(self.stage_widths):
             raise ValueError(
                 f"stage_sizes {tuple(self.stage_sizes)} and stage_widths "
