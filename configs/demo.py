@@ -33,7 +33,7 @@ def get_config():
     config.dtype = "float32"  # CPUs have no fast bfloat16 arithmetic.
     config.batch_size = 32
     config.eval_batch_size = 64
-    config.num_epochs = 12
+    config.num_epochs = 10
     # Milder crops than ImageNet's 8%: at 64 px a tiny crop leaves no garment to see.
     config.data.scale_range = (0.35, 1.0)
     config.data.worker_count = 0

@@ -31,10 +31,9 @@ PAPER_MSFF_PARAMS = 11.79e6
 @pytest.fixture(scope="module", autouse=True)
 def fast_cpu_compilation():
     """XLA's CPU compiler dominates these tests; its expensive passes are not under test."""
-    previous = jax.config.jax_disable_most_optimizations
     jax.config.update("jax_disable_most_optimizations", True)
     yield
-    jax.config.update("jax_disable_most_optimizations", previous)
+    jax.config.update("jax_disable_most_optimizations", False)  # JAX's default
 
 
 def key(seed):

@@ -170,3 +170,24 @@ def test_uncommitted_checkpoint_is_never_restored(setup, tmp_path):
     assert NUM_STEPS + 3 not in manager.all_steps()
     # The best checkpoint by validation macro-F1 is kept beside the latest ones.
     assert manager.best_step() in manager.all_steps()
+
+
+def test_eval_mode_reports_a_chosen_checkpoint_and_split(setup, tmp_path):
+    """`--mode eval --eval_split test --checkpoint latest` rewrites the report for that
+    checkpoint and split, counting every test example once."""
+    import json
+
+    workdir = tmp_path / "work"
+    shutil.copytree(setup["reference"], workdir)
+    os.remove(workdir / "eval_results.json")
+    result = subprocess.run(
+        launch_args(setup["config"], str(workdir), "--mode=eval", "--eval_split=test",
+                    "--checkpoint=latest"),
+        cwd=REPO, env=setup["env"], capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.load(open(workdir / "eval_results.json"))
+    manifest = json.load(open(os.path.join(load_config(setup["config"]).data_dir, "manifest.json")))
+    assert (report["split"], report["step"]) == ("test", NUM_STEPS)
+    assert report["num_examples"] == manifest["splits"]["test"]["num_examples"]
+    assert sum(map(sum, report["confusion_matrix"])) == report["num_examples"]
+    assert os.path.isfile(workdir / "confusion_matrix.png")
