@@ -101,6 +101,8 @@ def check_header(data: bytes) -> tuple[int, int]:
                 return image.size
         except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
             raise ValueError(f"decompression bomb refused: {err}") from err
+        except Image.UnidentifiedImageError as err:
+            raise ValueError("cannot decode image: not in any image format Pillow knows") from err
         except Exception as err:  # UnidentifiedImageError, OSError, SyntaxError...
             raise ValueError(f"cannot decode image: {err}") from err
 
