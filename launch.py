@@ -20,7 +20,8 @@ config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/defau
                                 "(append :arg to pass an argument to get_config).",
                                 lock_config=True)
 flags.DEFINE_string("workdir", None, "Checkpoints, TensorBoard logs and reports go here.")
-flags.DEFINE_enum("mode", "train", MODES, "What to do.")
+flags.DEFINE_enum("mode", None, MODES, "What to do. Default: the config's `mode` field "
+                  "if it has one (configs/benchmark.py does), else train.")
 flags.DEFINE_string("eval_split", None, "--mode eval: split to evaluate (default config.eval_split).")
 flags.DEFINE_enum("checkpoint", "best", ("best", "latest"),
                   "--mode eval: the best checkpoint by validation macro-F1, or the latest.")
@@ -29,22 +30,25 @@ flags.DEFINE_integer("num_processes", None, "Number of processes (hosts), with -
 flags.DEFINE_integer("process_id", None, "This process's index, with --coordinator_address.")
 
 
-def _require(flag_value, what: str) -> None:
+def _require(flag_value, mode: str, what: str) -> None:
     if flag_value is None:
-        raise app.UsageError(f"--mode {FLAGS.mode} needs {what}.")
+        raise app.UsageError(f"--mode {mode} needs {what}.")
 
 
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    mode, config, workdir = FLAGS.mode, FLAGS.config, FLAGS.workdir
-    _require(workdir, "--workdir")
+    config, workdir = FLAGS.config, FLAGS.workdir
+    mode = FLAGS.mode or (config.get("mode") if config is not None else None) or "train"
+    if mode not in MODES:
+        raise app.UsageError(f"config field mode={mode!r} is not one of {MODES}.")
+    _require(workdir, mode, "--workdir")
     if mode == "report":
         from msff_jax import report
 
         return report.run(workdir)
-    _require(config, "--config")
+    _require(config, mode, "--config")
 
     from msff_jax import distributed
 

@@ -44,23 +44,9 @@ if __package__ in (None, ""):
 
 from benchmarks import msff_torch  # noqa: E402
 from msff_jax.benchmarking.device_peaks import peak_flops_per_second  # noqa: E402
+# One column list for both frameworks' rows, so one table compares them.
+from msff_jax.benchmarking.outputs import CSV_COLUMNS  # noqa: E402
 
-CSV_COLUMNS = (
-    "model",
-    "infer_samples_per_sec",
-    "infer_step_time",
-    "infer_batch_size",
-    "train_samples_per_sec",
-    "train_step_time",
-    "train_batch_size",
-    "param_count",
-    "gmacs",
-    "framework",
-    "device",
-    "dtype",
-    "mfu",
-    "compile_s",
-)
 
 MODEL_BUILDERS: Dict[str, Callable[[int], nn.Module]] = {
     "resnet50": lambda n: torchvision.models.resnet50(weights=None, num_classes=n),

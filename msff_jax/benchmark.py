@@ -146,8 +146,14 @@ def _benchmark_model(config, mesh, environment) -> tuple[list[dict], dict]:
     forward_lowered, forward_compiled, forward_compile_s = timing.compile_ahead_of_time(
         forward, state.eval_variables(), infer_batch
     )
-    forward_flops = timing.analysed_flops(forward_lowered) or timing.analysed_flops(
-        forward_compiled
+    forward_flops = (
+        timing.forward_flops_counted_on_cpu(
+            lambda v, x: model.apply(v, x, train=False),
+            state.eval_variables(),
+            jax.ShapeDtypeStruct(infer_batch["image"].shape, np.float32),
+        )
+        or timing.analysed_flops(forward_lowered)
+        or timing.analysed_flops(forward_compiled)
     )
     forward_flops_per_image = forward_flops / bench.infer_batch_size if forward_flops else None
 

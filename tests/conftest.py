@@ -8,3 +8,14 @@ import os
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+# PyTorch (for the torchvision equivalence and peer-benchmark tests) must be loaded
+# before TensorFlow: triton's native library, which torch._dynamo loads, crashes the
+# process with a segmentation fault when TensorFlow's is already loaded (seen with
+# tensorflow-cpu 2.21 and torch 2.14.1). Loading it first here fixes the order for the
+# whole session. Without torch installed the torch tests fail on their own imports.
+try:
+    import torch  # noqa: E402,F401
+    import torch._dynamo  # noqa: E402,F401
+except ImportError:
+    pass
