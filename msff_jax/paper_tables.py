@@ -3,9 +3,9 @@
 Everything here is copied from the paper's Tables 2 and 3 (percent, parameters in
 millions) so the report can print it beside our results under a 'paper' heading. Nothing
 in this module is a measurement of ours; `msff_jax.report` must never put these values in
-an 'ours' column. See /work/shared/paper/NOTES.md sections 4-5 for the tables and their
-known inconsistencies (F1 not the harmonic mean of precision and recall, parameter counts
-of the baselines at 1000 classes).
+an 'ours' column. The paper's tables have known inconsistencies: its F1 is not the
+harmonic mean of its precision and recall, and its baseline parameter counts are
+1000-class (ImageNet) figures.
 
 The paper's "Precision" is defined in its text as the share of all samples predicted
 correctly, i.e. top-1 accuracy; our counterpart is `top1` in eval_results.json.
