@@ -166,26 +166,21 @@ def benchmark_model(
         optimizer.step()
         return loss
 
-    first_calls = 0.0
-    model.eval()
-    synchronize(device)
-    start = time.perf_counter()
-    infer_step()
-    synchronize(device)
-    first_calls += time.perf_counter() - start
-    for _ in range(args.warmup):
-        infer_step()
-    infer_seconds = median_step_seconds(infer_step, device, args.steps, args.repeats)
+    def first_call_then_median(step, training: bool) -> tuple[float, float]:
+        """(seconds of the first call, which compiles, median seconds per step after warm-up)."""
+        model.train(training)
+        synchronize(device)
+        start = time.perf_counter()
+        step()
+        synchronize(device)
+        first_call = time.perf_counter() - start
+        for _ in range(args.warmup):
+            step()
+        return first_call, median_step_seconds(step, device, args.steps, args.repeats)
 
-    model.train()
-    synchronize(device)
-    start = time.perf_counter()
-    train_step()
-    synchronize(device)
-    first_calls += time.perf_counter() - start
-    for _ in range(args.warmup):
-        train_step()
-    train_seconds = median_step_seconds(train_step, device, args.steps, args.repeats)
+    infer_first_call, infer_seconds = first_call_then_median(infer_step, training=False)
+    train_first_call, train_seconds = first_call_then_median(train_step, training=True)
+    first_calls = infer_first_call + train_first_call
 
     train_rate = batch / train_seconds
     row.update(

@@ -23,6 +23,7 @@ TensorFlow.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import platform
@@ -178,12 +179,14 @@ def _benchmark_model(config, mesh, environment) -> tuple[list[dict], dict]:
             holder["state"], metrics = train_compiled(holder["state"], train_batch)
         return holder["state"], metrics
 
-    train_s, train_repeats = timing.time_per_step(
-        run_train_steps,
+    # Training and inference are timed under the same warm-up and repeat settings.
+    time_per_step = functools.partial(
+        timing.time_per_step,
         warmup_steps=bench.warmup_steps,
         timed_steps=bench.timed_steps,
         repeats=bench.repeats,
     )
+    train_s, train_repeats = time_per_step(run_train_steps)
     details["train_step_s_per_repeat"] = train_repeats
     _check_finite_loss(run_train_steps, config.model)
 
@@ -194,12 +197,7 @@ def _benchmark_model(config, mesh, environment) -> tuple[list[dict], dict]:
         def run_infer_steps(count: int):
             return [forward_compiled(variables, infer_batch) for _ in range(count)]
 
-        infer_s, infer_repeats = timing.time_per_step(
-            run_infer_steps,
-            warmup_steps=bench.warmup_steps,
-            timed_steps=bench.timed_steps,
-            repeats=bench.repeats,
-        )
+        infer_s, infer_repeats = time_per_step(run_infer_steps)
         details["infer_step_s_per_repeat"] = infer_repeats
 
     peak = device_peaks.peak_flops_per_second(environment["device_kind"], config.dtype)
