@@ -24,7 +24,9 @@
 #
 # Environment: BENCH_TINY=1 (tiny models, 32 px, CPU), BENCH_BUDGET_S (total seconds,
 # default 470; tiny: 2820), BENCH_XLA_FLAGS (extra flags for the main JAX run, probed first),
-# BENCH_VARIANT_XLA_FLAGS (flags of the 'flags' phase; empty skips it), PYTHON.
+# BENCH_VARIANT_XLA_FLAGS (flags of the 'flags' phase; empty skips it), BENCH_MODEL_OPTIONS
+# (per-model module options of every JAX run, a dict literal; see speed_experiments.py),
+# PYTHON.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
@@ -96,6 +98,11 @@ else
   VARIANT_FLAGS_DEFAULT="--xla_gpu_enable_latency_hiding_scheduler=true --xla_gpu_enable_command_buffer=FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL,CUDNN"
 fi
 VARIANT_FLAGS="${BENCH_VARIANT_XLA_FLAGS-$VARIANT_FLAGS_DEFAULT}"
+# Module options per model for every JAX run, as a Python dict literal, e.g.
+# "{'msff_ecomnet': {'max_pool_backward': 'gather', 'fuse_pointwise': True}}".
+if [[ -n "${BENCH_MODEL_OPTIONS:-}" ]]; then
+  JAX_EXTRA+=("--config.benchmark.per_model_overrides=$BENCH_MODEL_OPTIONS")
+fi
 
 echo "=== gpu_benchmark.sh $(date -u '+%Y-%m-%d %H:%M:%S UTC') tiny=$TINY budget=${BUDGET}s results=$RESULTS"
 # find_spec looks a package up without importing it (importing torch alone takes seconds).

@@ -31,6 +31,9 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
     # Training batch comes from config.batch_size (global); per-model overrides, e.g.
     # {'efficientnet_b0': 128}, for models that do not fit at the common size.
     bench.per_model_batch_size = ml_collections.ConfigDict()
+    # Per-model module options on top of config.model_overrides, e.g. the speed options
+    # of msff_jax.models: {'msff_ecomnet': {'max_pool_backward': 'gather'}}.
+    bench.per_model_overrides = ml_collections.ConfigDict()
     # Inference: a large batch (no activations kept for backward) fills the GPU.
     bench.include_inference = True
     bench.infer_batch_size = 256
@@ -48,6 +51,10 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
     # to start and for batches buffered during start-up to drain, so the timed steps
     # see the steady state (30 x 256 images ~ 2-3 s at GPU rates).
     bench.end_to_end_warmup_steps = 30
+    # Steps of the train step to record with the JAX profiler after timing (0: none).
+    # The trace lands in WORKDIR/profile/MODEL; its per-kernel summary in
+    # kernel_profile.md and benchmark.json (msff_jax.benchmarking.kernel_profile).
+    bench.profile_steps = 0
     # Rows of benchmarks/torch_peers.py to merge into the table and plot ('' for none).
     bench.torch_csv = ""
     # The CSV's framework column; a variant run (other XLA flags, say) names itself

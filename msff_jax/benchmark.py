@@ -37,13 +37,14 @@ from absl import logging
 
 from msff_jax import mesh as mesh_lib
 from msff_jax import optimizers, steps, train_state
-from msff_jax.benchmarking import device_peaks, outputs, timing
+from msff_jax.benchmarking import device_peaks, kernel_profile, outputs, timing
 from msff_jax.models import TINY_OVERRIDES
 
 CSV_NAME = "benchmark.csv"
 TABLE_NAME = "benchmark.md"
 PLOT_NAME = "throughput_vs_params.png"
 DETAILS_NAME = "benchmark.json"
+PROFILE_NAME = "kernel_profile.md"
 
 # The optimizer's schedule needs a run length; it changes the learning rate, not the
 # work a step does, so any value gives the same timings.
@@ -70,7 +71,9 @@ def run(config, workdir: str | os.PathLike) -> list[dict[str, Any]]:
     for name in bench.models:
         model_config = _config_for_model(config, name)
         try:
-            model_rows, model_details = _benchmark_model(model_config, mesh, environment)
+            model_rows, model_details = _benchmark_model(
+                model_config, mesh, environment, workdir / "profile" / name
+            )
         except Exception as error:
             if not bench.continue_on_error:
                 raise
@@ -95,7 +98,7 @@ def _check_config(config) -> None:
     for field in ("timed_steps", "repeats"):
         if bench[field] < 1:
             raise ValueError(f"config.benchmark.{field}={bench[field]} must be at least 1.")
-    for field in ("warmup_steps", "end_to_end_warmup_steps"):
+    for field in ("warmup_steps", "end_to_end_warmup_steps", "profile_steps"):
         if bench[field] < 0:
             raise ValueError(f"config.benchmark.{field}={bench[field]} must be >= 0.")
     unknown = [m for m in bench.end_to_end_models if m not in bench.models]
@@ -115,19 +118,29 @@ def _check_config(config) -> None:
 
 
 def _config_for_model(config, name: str):
-    """The benchmark config with `model` (and its batch size and tiny preset) set."""
+    """The benchmark config with `model`, its batch size and its module options set.
+
+    Module options, later ones winning: the tiny preset (if asked for), the config's
+    `model_overrides`, then `benchmark.per_model_overrides[name]`.
+    """
     model_config = config.copy_and_resolve_references()
     bench = model_config.benchmark
     model_config.model = name
-    if bench.tiny_models:
-        model_config.model_overrides = dict(TINY_OVERRIDES[name])
+    overrides = dict(TINY_OVERRIDES[name]) if bench.tiny_models else {}
+    overrides.update(_plain_dict(model_config.model_overrides))
+    overrides.update(_plain_dict(bench.per_model_overrides.get(name, {})))
+    model_config.model_overrides = overrides
     if name in bench.per_model_batch_size:
         model_config.batch_size = int(bench.per_model_batch_size[name])
     return model_config
 
 
+def _plain_dict(value) -> dict:
+    return dict(value.to_dict() if hasattr(value, "to_dict") else value)
+
+
 # -------------------------------------------------------------------- one model
-def _benchmark_model(config, mesh, environment) -> tuple[list[dict], dict]:
+def _benchmark_model(config, mesh, environment, profile_dir: Path) -> tuple[list[dict], dict]:
     bench = config.benchmark
     # Built exactly as msff_jax.train builds them.
     model = train_state.build_model(config)
@@ -137,7 +150,11 @@ def _benchmark_model(config, mesh, environment) -> tuple[list[dict], dict]:
     )
     param_count = sum(int(np.prod(p.shape)) for p in jax.tree.leaves(state.params))
     sharding = mesh_lib.batch_sharding(mesh)
-    details: dict[str, Any] = {"model": config.model, "batch_size": config.batch_size}
+    details: dict[str, Any] = {
+        "model": config.model,
+        "batch_size": config.batch_size,
+        "model_overrides": _plain_dict(config.model_overrides),
+    }
 
     # Forward FLOPs per image come from the eval forward's cost analysis: counting
     # them in the train step would mix in the backward pass and optimizer.
@@ -189,6 +206,11 @@ def _benchmark_model(config, mesh, environment) -> tuple[list[dict], dict]:
     train_s, train_repeats = time_per_step(run_train_steps)
     details["train_step_s_per_repeat"] = train_repeats
     _check_finite_loss(run_train_steps, config.model)
+    if bench.profile_steps:
+        trace = kernel_profile.trace_steps(run_train_steps, bench.profile_steps, profile_dir)
+        details["train_kernel_profile"] = kernel_profile.summarise_trace(
+            trace, bench.profile_steps
+        )
 
     infer_s = None
     if bench.include_inference:
@@ -384,6 +406,13 @@ def _write_outputs(config, workdir: Path, rows, details, environment) -> None:
         merged += outputs.read_csv(Path(config.benchmark.torch_csv))
     table = outputs.markdown_table(merged)
     (workdir / TABLE_NAME).write_text(table)
+    profiles = [
+        kernel_profile.markdown(d["train_kernel_profile"], f"{d['model']}: train step")
+        for d in details
+        if "train_kernel_profile" in d
+    ]
+    if profiles:
+        (workdir / PROFILE_NAME).write_text("\n".join(profiles))
     if merged:
         outputs.plot_throughput_vs_params(merged, workdir / PLOT_NAME)
     (workdir / DETAILS_NAME).write_text(

@@ -193,6 +193,23 @@ def test_config_errors_stop_before_compiling(tmp_path):
         benchmark.run(config, tmp_path / "work")
 
 
+def test_module_options_merge_tiny_preset_config_and_per_model_overrides():
+    from configs import benchmark as benchmark_config
+    from msff_jax import benchmark
+    from msff_jax.models import TINY_OVERRIDES
+
+    config = benchmark_config.get_config("cpu_tiny")
+    config.model_overrides = {"max_pool_backward": "gather", "dropout_rate": 0.0}
+    config.benchmark.per_model_overrides = {"msff_ecomnet": {"fuse_pointwise": True,
+                                                             "dropout_rate": 0.5}}
+    msff = benchmark._config_for_model(config, "msff_ecomnet").model_overrides.to_dict()
+    assert msff == {**TINY_OVERRIDES["msff_ecomnet"], "max_pool_backward": "gather",
+                    "fuse_pointwise": True, "dropout_rate": 0.5}
+    resnet = benchmark._config_for_model(config, "resnet50").model_overrides.to_dict()
+    assert resnet == {**TINY_OVERRIDES["resnet50"], "max_pool_backward": "gather",
+                      "dropout_rate": 0.0}
+
+
 @pytest.fixture(scope="module")
 def tiny_shards(tmp_path_factory):
     """A synthetic DeepFashion of small JPEGs, converted to shards by the real tools."""

@@ -92,13 +92,6 @@ class ConvNormAct(nn.Module):
         return x
 
 
-def max_pool_3x3(x: jnp.ndarray, strides: int) -> jnp.ndarray:
-    """torch `MaxPool2d(3, stride, padding=1)`: padding counts as -inf."""
-    return nn.max_pool(
-        x, (3, 3), strides=(strides, strides), padding=((1, 1), (1, 1))
-    )
-
-
 def global_average_pool(x: jnp.ndarray) -> jnp.ndarray:
     return jnp.mean(x, axis=(1, 2))
 

@@ -47,6 +47,7 @@ from typing import Any, Sequence
 
 import flax.linen as nn
 import jax.numpy as jnp
+from jax import lax
 
 from msff_jax.models.attention import CHANNEL_ATTENTIONS, ResidualAttention
 from msff_jax.models.layers import (
@@ -54,18 +55,61 @@ from msff_jax.models.layers import (
     ModuleDef,
     conv_and_norm,
     global_average_pool,
-    max_pool_3x3,
     prepare_images,
 )
+from msff_jax.models.max_pool import MAX_POOL_BACKWARDS, max_pool_3x3
+
+
+class ConvKernel(nn.Module):
+    """The parameter of a bias-free `nn.Conv` (name, shape, initializer), without the conv."""
+
+    features: int
+    kernel_size: int
+    param_dtype: Any
+
+    @nn.compact
+    def __call__(self, in_features: int) -> jnp.ndarray:
+        shape = (self.kernel_size, self.kernel_size, in_features, self.features)
+        return self.param("kernel", nn.linear.default_kernel_init, shape, self.param_dtype)
+
+
+class PointwiseUnit(nn.Module):
+    """A 1x1 `ConvNormAct` whose convolution its parent runs together with its siblings'.
+
+    Same children as `ConvNormAct` (`'0'` the kernel, `'1'` the BatchNorm), so the
+    parameter tree is the same whether the parent fuses or not. Called twice: with
+    `in_features` it returns its kernel; with the convolution's output it normalises
+    and activates it.
+    """
+
+    norm: ModuleDef
+    features: int
+    param_dtype: Any
+
+    @nn.compact
+    def __call__(self, x=None, *, in_features: int | None = None) -> jnp.ndarray:
+        if in_features is not None:
+            return ConvKernel(self.features, 1, self.param_dtype, name="0")(in_features)
+        return nn.relu(self.norm(name="1")(x))
 
 
 class MultiScaleParallelConv(nn.Module):
-    """MSP-Conv: 1x1, 3x3, double-3x3 and pool branches, concatenated."""
+    """MSP-Conv: 1x1, 3x3, double-3x3 and pool branches, concatenated.
+
+    `fuse_pointwise` runs the 1x1 convolutions that read the block input (the two
+    reductions, and `branch_1x1` when it does not stride) as one convolution of
+    2-3x the width, then splits its output: one read of the input instead of three and
+    wider GEMMs, with the same parameters and the same function.
+    """
 
     conv: ModuleDef
     norm: ModuleDef
     features: int
     strides: int = 1
+    max_pool_backward: str = "scatter"
+    fuse_pointwise: bool = False
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
 
     @nn.compact
     def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
@@ -78,18 +122,35 @@ class MultiScaleParallelConv(nn.Module):
         unit = functools.partial(ConvNormAct, self.conv, self.norm, width)
         s = self.strides
 
-        fine = unit(1, s, name="branch_1x1")(x)
+        if self.fuse_pointwise:
+            names = ("branch_1x1",) if s == 1 else ()
+            names += ("branch_3x3_reduce", "branch_5x5_reduce")
+            reduced = dict(zip(names, self._pointwise_together(x, names, width)))
+            fine = reduced["branch_1x1"] if s == 1 else unit(1, s, name="branch_1x1")(x)
+            local, wide = reduced["branch_3x3_reduce"], reduced["branch_5x5_reduce"]
+        else:
+            fine = unit(1, s, name="branch_1x1")(x)
+            local = unit(1, name="branch_3x3_reduce")(x)
+            wide = unit(1, name="branch_5x5_reduce")(x)
 
-        local = unit(1, name="branch_3x3_reduce")(x)
         local = unit(3, s, name="branch_3x3")(local)
-
-        wide = unit(1, name="branch_5x5_reduce")(x)
         wide = unit(3, s, name="branch_5x5_a")(wide)
         wide = unit(3, name="branch_5x5_b")(wide)
 
-        pooled = unit(1, name="branch_pool")(max_pool_3x3(x, s))
+        pooled = max_pool_3x3(x, s, self.max_pool_backward)
+        pooled = unit(1, name="branch_pool")(pooled)
 
         return jnp.concatenate([fine, local, wide, pooled], axis=-1)
+
+    def _pointwise_together(self, x, names, width) -> list[jnp.ndarray]:
+        """The 1x1 units `names` on `x` as one convolution, split back per unit."""
+        units = [PointwiseUnit(self.norm, width, self.param_dtype, name=n) for n in names]
+        kernel = jnp.concatenate([u(in_features=x.shape[-1]) for u in units], axis=-1)
+        x, kernel = nn.dtypes.promote_dtype(x, kernel, dtype=self.dtype)
+        y = lax.conv_general_dilated(
+            x, kernel, (1, 1), "VALID", dimension_numbers=("NHWC", "HWIO", "NHWC")
+        )
+        return [u(part) for u, part in zip(units, jnp.split(y, len(units), axis=-1))]
 
 
 class MSFFBlock(nn.Module):
@@ -104,6 +165,8 @@ class MSFFBlock(nn.Module):
     channel_attention: str
     attention_reduction: int
     spatial_kernel_size: int
+    max_pool_backward: str
+    fuse_pointwise: bool
     dtype: Any
     param_dtype: Any
 
@@ -111,7 +174,15 @@ class MSFFBlock(nn.Module):
     def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
         if self.use_msp:
             x = MultiScaleParallelConv(
-                self.conv, self.norm, self.features, self.strides, name="msp_conv"
+                self.conv,
+                self.norm,
+                self.features,
+                self.strides,
+                max_pool_backward=self.max_pool_backward,
+                fuse_pointwise=self.fuse_pointwise,
+                dtype=self.dtype,
+                param_dtype=self.param_dtype,
+                name="msp_conv",
             )(x)
         else:
             x = ConvNormAct(
@@ -144,11 +215,22 @@ class MSFFEComNet(nn.Module):
     dropout_rate: float = 0.2
     norm_momentum: float = 0.9  # torch BatchNorm2d default momentum 0.1
     norm_epsilon: float = 1e-5
+    # Implementation choices that change speed, not the function or the parameters
+    # (checked by tests/test_speed_options.py): how max-pools are differentiated
+    # (`msff_jax.models.max_pool`) and whether MSP-Conv runs its 1x1 convolutions on
+    # the block input as one.
+    max_pool_backward: str = "scatter"
+    fuse_pointwise: bool = False
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
 
     @nn.compact
     def __call__(self, images: jnp.ndarray, train: bool = False) -> jnp.ndarray:
+        if self.max_pool_backward not in MAX_POOL_BACKWARDS:
+            raise ValueError(
+                f"max_pool_backward must be one of {MAX_POOL_BACKWARDS}; "
+                f"got {self.max_pool_backward!r}"
+            )
         if self.use_iasm and self.channel_attention not in CHANNEL_ATTENTIONS:
             raise ValueError(
                 f"channel_attention must be one of {CHANNEL_ATTENTIONS}; "
@@ -170,7 +252,7 @@ class MSFFEComNet(nn.Module):
 
         for i, width in enumerate(self.stem_widths):
             x = ConvNormAct(conv, norm, width, 3, 2 if i == 0 else 1, name=f"stem_{i}")(x)
-        x = max_pool_3x3(x, 2)
+        x = max_pool_3x3(x, 2, self.max_pool_backward)
 
         for stage, (size, width) in enumerate(zip(self.stage_sizes, self.stage_widths)):
             for block in range(size):
@@ -184,6 +266,8 @@ class MSFFEComNet(nn.Module):
                     channel_attention=self.channel_attention,
                     attention_reduction=self.attention_reduction,
                     spatial_kernel_size=self.spatial_kernel_size,
+                    max_pool_backward=self.max_pool_backward,
+                    fuse_pointwise=self.fuse_pointwise,
                     dtype=self.dtype,
                     param_dtype=self.param_dtype,
                     name=f"stage{stage + 1}_block{block}",

@@ -29,10 +29,10 @@ from msff_jax.models.layers import (
     ModuleDef,
     conv_and_norm,
     global_average_pool,
-    max_pool_3x3,
     prepare_images,
     torch_padding,
 )
+from msff_jax.models.max_pool import MAX_POOL_BACKWARDS, max_pool_3x3
 
 
 class Bottleneck(nn.Module):
@@ -66,11 +66,19 @@ class ResNet(nn.Module):
     num_filters: int = 64
     norm_momentum: float = 0.9
     norm_epsilon: float = 1e-5
+    # How the stem's max-pool is differentiated (`msff_jax.models.max_pool`); the two
+    # give the same gradient, they differ only in speed.
+    max_pool_backward: str = "scatter"
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
 
     @nn.compact
     def __call__(self, images: jnp.ndarray, train: bool = False) -> jnp.ndarray:
+        if self.max_pool_backward not in MAX_POOL_BACKWARDS:
+            raise ValueError(
+                f"max_pool_backward must be one of {MAX_POOL_BACKWARDS}; "
+                f"got {self.max_pool_backward!r}"
+            )
         x = prepare_images(images, self.dtype)
         conv, norm = conv_and_norm(
             train=train,
@@ -81,7 +89,7 @@ class ResNet(nn.Module):
         )
         x = conv(self.num_filters, (7, 7), (2, 2), padding=torch_padding(7), name="conv1")(x)
         x = nn.relu(norm(name="bn1")(x))
-        x = max_pool_3x3(x, 2)
+        x = max_pool_3x3(x, 2, self.max_pool_backward)
         for stage, size in enumerate(self.stage_sizes):
             for block in range(size):
                 x = Bottleneck(

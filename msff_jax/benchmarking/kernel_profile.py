@@ -1,0 +1,167 @@
+"""Where a compiled step spends its time: a JAX profiler trace, summarised per kernel.
+
+`trace_steps` records a few calls of a step with `jax.profiler.trace` and asks for the
+Perfetto JSON export beside the TensorBoard files; `summarise_trace` reads that JSON
+(plain `gzip` + `json`, no profiler plugin needed) and totals the duration of every
+kernel the device ran, by name and by kind. On a GPU the events come from the
+`/device:GPU:N` processes (one event per kernel launch, named after the XLA fusion or
+the cuDNN/cuBLAS kernel); a CPU has no device processes, so there the summary falls back
+to the host's XLA events, which is enough to check the plumbing.
+
+The kinds are read off kernel names by `KERNEL_KINDS` (first match wins): they answer
+the questions the speed work asks, e.g. how much of a step is convolution, how much is
+XLA's select-and-scatter (the max-pool backward), how much is elementwise and
+reduction fusions (BatchNorm, attention maps, concatenation), how much is copying.
+"""
+
+from __future__ import annotations
+
+import collections
+import gzip
+import json
+import re
+from pathlib import Path
+from typing import Any, Callable
+
+import jax
+
+PERFETTO_NAME = "perfetto_trace.json.gz"
+
+KERNEL_KINDS: tuple[tuple[str, str], ...] = (
+    ("select-and-scatter (max-pool backward)", r"select.?and.?scatter"),
+    ("convolution", r"conv|xmma|implicit_?gemm|fprop|dgrad|wgrad|cudnn|winograd"),
+    ("matmul", r"gemm|cublas|matmul|\bdot"),
+    ("collective", r"all-reduce|all-gather|reduce-scatter|all-to-all|nccl|collective"),
+    ("reduction fusion", r"reduce|reduction"),
+    ("copy / transpose", r"copy|transpose|memcpy"),
+    ("memset", r"memset"),
+    ("elementwise fusion", r"fusion|loop_|concatenate|slice|pad"),
+)
+OTHER_KIND = "other"
+
+
+def trace_steps(run_steps: Callable[[int], Any], steps: int, log_dir: Path) -> Path:
+    """Runs `run_steps(steps)` under the profiler; returns the Perfetto JSON it wrote."""
+    log_dir = Path(log_dir)
+    before = set(log_dir.rglob(PERFETTO_NAME)) if log_dir.exists() else set()
+    with jax.profiler.trace(str(log_dir), create_perfetto_trace=True):
+        jax.block_until_ready(run_steps(steps))
+    written = sorted(set(log_dir.rglob(PERFETTO_NAME)) - before)
+    if not written:
+        raise FileNotFoundError(
+            f"the profiler wrote no {PERFETTO_NAME} under {log_dir}; this JAX may not "
+            "support create_perfetto_trace"
+        )
+    return written[-1]
+
+
+def kernel_kind(name: str) -> str:
+    lowered = name.lower()
+    for kind, pattern in KERNEL_KINDS:
+        if re.search(pattern, lowered):
+            return kind
+    return OTHER_KIND
+
+
+def _events(trace: dict) -> tuple[list[dict], str]:
+    """Kernel events of the device processes, or the host's XLA work on a CPU.
+
+    A GPU process holds one line per CUDA stream ("Stream #N...", one event per kernel)
+    beside derived lines ("XLA Modules", "XLA Ops", "Steps") that cover the same time
+    again; only the stream lines are kept when there are any.
+    """
+    events = trace.get("traceEvents", []) if isinstance(trace, dict) else trace
+    process_names, thread_names = {}, {}
+    for e in events:
+        if e.get("ph") != "M":
+            continue
+        name = e.get("args", {}).get("name", "")
+        if e.get("name") == "process_name":
+            process_names[e["pid"]] = name
+        elif e.get("name") == "thread_name":
+            thread_names[(e["pid"], e.get("tid"))] = name
+    complete = [e for e in events if e.get("ph") == "X" and "dur" in e]
+    device_pids = {pid for pid, name in process_names.items() if name.startswith("/device:")}
+    on_device = [e for e in complete if e["pid"] in device_pids]
+    if on_device:
+        streams = [
+            e for e in on_device
+            if thread_names.get((e["pid"], e.get("tid")), "").startswith("Stream")
+        ]
+        return (streams or on_device), "device"
+    # Host events: leave out Python frames ('$file.py:line name') and the runtime's
+    # own bookkeeping, keep what XLA ran.
+    host = [
+        e for e in complete
+        if not e["name"].startswith("$") and "::" not in e["name"] and "(" not in e["name"]
+    ]
+    return host, "host"
+
+
+def summarise_trace(path: Path, steps: int, top: int = 25) -> dict[str, Any]:
+    """Per-kernel and per-kind totals of a Perfetto JSON trace, per step, in ms."""
+    path = Path(path)
+    try:
+        with gzip.open(path, "rt") as f:
+            trace = json.load(f)
+    except (OSError, json.JSONDecodeError) as error:
+        raise ValueError(f"{path}: not a readable Perfetto JSON trace ({error})") from error
+    events, source = _events(trace)
+    by_name: dict[str, list[float]] = collections.defaultdict(lambda: [0.0, 0])
+    for event in events:
+        entry = by_name[event["name"]]
+        entry[0] += float(event["dur"]) / 1e3  # Perfetto durations are microseconds.
+        entry[1] += 1
+    total_ms = sum(ms for ms, _ in by_name.values())
+    by_kind: dict[str, float] = collections.defaultdict(float)
+    for name, (ms, _) in by_name.items():
+        by_kind[kernel_kind(name)] += ms
+    ranked = sorted(by_name.items(), key=lambda item: -item[1][0])
+    per_step = max(steps, 1)
+    return {
+        "trace": str(path),
+        "source": source,
+        "steps": steps,
+        "kernel_ms_per_step": total_ms / per_step,
+        "distinct_kernels": len(by_name),
+        "launches_per_step": sum(count for _, count in by_name.values()) / per_step,
+        "kinds": [
+            {"kind": kind, "ms_per_step": ms / per_step, "share": ms / total_ms if total_ms else 0.0}
+            for kind, ms in sorted(by_kind.items(), key=lambda item: -item[1])
+        ],
+        "top_kernels": [
+            {
+                "name": name,
+                "kind": kernel_kind(name),
+                "ms_per_step": ms / per_step,
+                "launches_per_step": count / per_step,
+                "share": ms / total_ms if total_ms else 0.0,
+            }
+            for name, (ms, count) in ranked[:top]
+        ],
+    }
+
+
+def markdown(summary: dict[str, Any], title: str) -> str:
+    """The summary as two markdown tables: by kind, then the top kernels."""
+    lines = [
+        f"## {title}",
+        "",
+        f"{summary['source']} events of {summary['steps']} steps, "
+        f"{summary['kernel_ms_per_step']:.2f} ms of kernels per step, "
+        f"{summary['launches_per_step']:.0f} launches per step, "
+        f"{summary['distinct_kernels']} distinct kernels.",
+        "",
+        "| kind | ms/step | share |",
+        "|---|---|---|",
+    ]
+    lines += [f"| {k['kind']} | {k['ms_per_step']:.3f} | {100 * k['share']:.1f}% |" for k in summary["kinds"]]
+    lines += ["", "| kernel | kind | ms/step | launches/step | share |", "|---|---|---|---|---|"]
+    for k in summary["top_kernels"]:
+        name = k["name"].replace("|", "/")
+        name = name if len(name) <= 90 else name[:87] + "..."
+        lines.append(
+            f"| `{name}` | {k['kind']} | {k['ms_per_step']:.3f} | "
+            f"{k['launches_per_step']:.1f} | {100 * k['share']:.1f}% |"
+        )
+    return "\n".join(lines) + "\n"

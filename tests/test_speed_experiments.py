@@ -1,0 +1,138 @@
+"""The speed-experiment tooling: the kernel profile summary and the experiment driver.
+
+The trace summary is checked on hand-written traces shaped like the profiler's GPU
+export (a device process with stream lines and derived lines that cover the same time)
+and on a real CPU trace. The driver runs on tiny models on the CPU, which checks the
+plumbing, never the speed.
+"""
+
+import gzip
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import pytest
+
+from msff_jax.benchmarking import kernel_profile, outputs
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _write_trace(path: Path, events: list) -> Path:
+    with gzip.open(path, "wt") as f:
+        json.dump({"displayTimeUnit": "ns", "traceEvents": events}, f)
+    return path
+
+
+def _gpu_like_trace():
+    meta = [
+        {"ph": "M", "name": "process_name", "pid": 1, "args": {"name": "/device:GPU:0"}},
+        {"ph": "M", "name": "thread_name", "pid": 1, "tid": 7, "args": {"name": "Stream #7(Compute)"}},
+        {"ph": "M", "name": "thread_name", "pid": 1, "tid": 8, "args": {"name": "XLA Ops"}},
+        {"ph": "M", "name": "process_name", "pid": 2, "args": {"name": "/host:CPU"}},
+    ]
+    kernels = [  # Two steps of three kernels, durations in microseconds.
+        ("sm90_xmma_fprop_implicit_gemm_bf16", 300.0),
+        ("select_and_scatter_3", 200.0),
+        ("loop_multiply_fusion_2", 100.0),
+    ] * 2
+    stream = [
+        {"ph": "X", "pid": 1, "tid": 7, "ts": i, "dur": dur, "name": name}
+        for i, (name, dur) in enumerate(kernels)
+    ]
+    derived = [{"ph": "X", "pid": 1, "tid": 8, "ts": 0, "dur": 1200.0, "name": "fusion.1"}]
+    host = [{"ph": "X", "pid": 2, "tid": 1, "ts": 0, "dur": 5000.0, "name": "PjitFunction(step)"}]
+    return meta + stream + derived + host
+
+
+def test_summary_counts_stream_kernels_once_per_step_by_kind(tmp_path):
+    path = _write_trace(tmp_path / "perfetto_trace.json.gz", _gpu_like_trace())
+    summary = kernel_profile.summarise_trace(path, steps=2)
+    assert summary["source"] == "device"
+    # The derived "XLA Ops" line and the host are left out: 600 us of kernels per step.
+    assert summary["kernel_ms_per_step"] == pytest.approx(0.6)
+    assert summary["launches_per_step"] == 3 and summary["distinct_kernels"] == 3
+    kinds = {k["kind"]: k["ms_per_step"] for k in summary["kinds"]}
+    assert kinds == pytest.approx(
+        {
+            "convolution": 0.3,
+            "select-and-scatter (max-pool backward)": 0.2,
+            "elementwise fusion": 0.1,
+        }
+    )
+    assert [k["name"] for k in summary["top_kernels"]][0] == "sm90_xmma_fprop_implicit_gemm_bf16"
+    assert summary["top_kernels"][0]["share"] == pytest.approx(0.5)
+    table = kernel_profile.markdown(summary, "toy: train step")
+    assert "| select-and-scatter (max-pool backward) | 0.200 | 33.3% |" in table
+
+
+def test_unreadable_trace_is_named(tmp_path):
+    bad = tmp_path / "perfetto_trace.json.gz"
+    bad.write_bytes(b"not gzip")
+    with pytest.raises(ValueError, match="perfetto_trace.json.gz: not a readable Perfetto JSON trace"):
+        kernel_profile.summarise_trace(bad, steps=1)
+
+
+def test_a_real_cpu_trace_is_summarised_from_host_events(tmp_path):
+    step = jax.jit(lambda x: jnp.tanh(x @ x).sum())
+    x = jnp.ones((64, 64))
+    step(x).block_until_ready()
+    trace = kernel_profile.trace_steps(lambda n: [step(x) for _ in range(n)], 2, tmp_path)
+    summary = kernel_profile.summarise_trace(trace, steps=2)
+    assert summary["source"] == "host"
+    assert summary["kernel_ms_per_step"] > 0 and summary["top_kernels"]
+    assert not any(k["name"].startswith("$") for k in summary["top_kernels"])  # No Python frames.
+
+
+@pytest.fixture(scope="module")
+def tiny_experiments(tmp_path_factory):
+    out = tmp_path_factory.mktemp("speed")
+    command = [
+        sys.executable, "benchmarks/speed_experiments.py", "--tiny", "--out_dir", str(out),
+        "--experiments", "msff_baseline", "msff_gather_fused", "msff_command_buffers",
+        "--warmup_steps", "1", "--timed_steps", "2", "--repeats", "2", "--profile_steps", "2",
+    ]
+    result = subprocess.run(command, cwd=REPO, capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return out, result.stdout
+
+
+def test_tiny_experiments_measure_each_option_against_its_baseline(tiny_experiments):
+    out, stdout = tiny_experiments
+    rows = outputs.read_csv(out / "speed_experiments.csv")
+    assert [r["framework"] for r in rows] == [
+        "jax[msff_baseline]", "jax[msff_gather_fused]", "jax[msff_command_buffers]"
+    ]
+    assert all(r["model"] == "msff_ecomnet_tiny" and r["train_samples_per_sec"] > 0 for r in rows)
+    table = (out / "speed_experiments.md").read_text()
+    assert "| msff_baseline | msff_ecomnet | MSFF-EComNet as benchmarked |" in table
+    assert "| 1.000x |" in table
+    gather_line = next(line for line in table.splitlines() if line.startswith("| msff_gather_fused"))
+    ratio = rows[1]["train_samples_per_sec"] / rows[0]["train_samples_per_sec"]
+    assert f"| {ratio:.3f}x |" in gather_line
+    # The flag experiment ran with its (CPU stand-in) flag.
+    assert "--xla_cpu_enable_fast_math=false" in table
+    # The baseline's profile: the train step's kernels, summarised.
+    profile = (out / "kernel_profile.md").read_text()
+    assert profile.startswith("## msff_ecomnet: train step") and "| kernel | kind |" in profile
+    assert stdout.rstrip().endswith(table.rstrip().splitlines()[-1])  # Table printed last.
+
+
+def test_failed_experiment_is_reported_not_fatal(tmp_path):
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    try:
+        import speed_experiments
+    finally:
+        sys.path.remove(str(REPO / "benchmarks"))
+    outcome = {
+        "experiment": speed_experiments.BY_NAME["msff_gather_pool"],
+        "row": None,
+        "error": "stopped at its 150s limit",
+        "xla_flags": "",
+    }
+    table = speed_experiments._table([outcome])
+    assert "| msff_gather_pool | msff_ecomnet |" in table
+    assert "failed: stopped at its 150s limit" in table
