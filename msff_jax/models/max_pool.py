@@ -1,10 +1,12 @@
 """3x3 max-pooling (torch's `MaxPool2d(3, stride, padding=1)`) with a choice of backward.
 
 `backward="scatter"` is `flax.linen.max_pool`: XLA's `reduce_window`, whose gradient is
-XLA's `select_and_scatter`. On GPUs that op is one kernel that scatters each output
-gradient into the input with atomic adds where windows overlap (3x3 windows at stride 1
-or 2 always do) and that nothing fuses with; MSFF-EComNet has a stride-1 pooling branch
-in all eight blocks, at up to 56x56x164 per image.
+XLA's `select_and_scatter`. XLA's GPU emitter runs that op as two unfused kernels: one
+fills the input-shaped gradient with zeros, the other walks every output position's
+window and adds its gradient into the chosen input with an atomic add (windows overlap:
+3x3 at stride 1 or 2 always do), which also makes it non-deterministic (XLA refuses it
+under `--xla_gpu_deterministic_ops`). MSFF-EComNet has a pooling branch in all eight
+blocks, at up to 56x56x164 per image.
 
 `backward="gather"` computes the same function and the same gradient without a scatter.
 The forward takes the nine shifted (strided) views of the padded input, their maximum,
@@ -12,7 +14,8 @@ and the index (0-8) of the first view that attains it, kept as int8 for the back
 The backward routes each output gradient to the input position that index names: for
 each of the nine offsets, the gradients whose window chose that offset, padded
 (interior padding for the stride) back into input coordinates, summed. Both passes are
-elementwise, pad and slice arithmetic that XLA fuses into loop kernels.
+elementwise, pad and slice arithmetic that XLA fuses into loop kernels, and the sum has
+a fixed order, so the gradient is deterministic.
 
 Ties go to the first maximum in row-major window order, as in XLA's select-and-scatter
 with `>=` (what JAX emits) and in torch's `max_pool2d`, so the two backwards agree
