@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import importlib.util
 import os
 import subprocess
 import sys
@@ -40,10 +41,14 @@ sys.path.insert(0, str(REPO))
 
 from msff_jax.benchmarking import outputs  # noqa: E402
 
-COMMAND_BUFFERS = "--xla_gpu_enable_command_buffer=FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL,CUDNN"
+# XLA's default already records fusions and cuBLAS calls into CUDA graphs (command
+# buffers); adding cuDNN's convolutions is the candidate, turning them all off the
+# attribution.
+CUDNN_COMMAND_BUFFERS = "--xla_gpu_enable_command_buffer=FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL,CUDNN"
+NO_COMMAND_BUFFERS = "--xla_gpu_enable_command_buffer="
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass
 class Experiment:
     name: str
     model: str
@@ -67,14 +72,19 @@ EXPERIMENTS: tuple[Experiment, ...] = (
     Experiment("msff_gather_fused", "msff_ecomnet", "msff_baseline",
                {"max_pool_backward": "gather", "fuse_pointwise": True},
                what="both options above"),
-    Experiment("msff_command_buffers", "msff_ecomnet", "msff_baseline",
-               xla_flags=COMMAND_BUFFERS, what="CUDA graphs over fusions, cuDNN, cuBLAS"),
+    Experiment("msff_cudnn_command_buffers", "msff_ecomnet", "msff_baseline",
+               xla_flags=CUDNN_COMMAND_BUFFERS,
+               what="cuDNN convolutions in CUDA graphs too"),
     Experiment("msff_widths_x32", "msff_ecomnet", "msff_baseline",
                {"stage_widths": (160, 320, 640, 1280)},
-               what="attribution: branch widths multiples of 8 (11.22 M params, not the paper's)",
+               what="attribution: stage widths multiples of 32, branches of 8 "
+                    "(11.22 M params, not the paper's)",
                in_tiny_run=False),
     Experiment("msff_no_iasm", "msff_msp", "msff_baseline",
                what="attribution: MSFF without IASM (ablation msff_msp)", in_tiny_run=False),
+    Experiment("msff_no_command_buffers", "msff_ecomnet", "msff_baseline",
+               xla_flags=NO_COMMAND_BUFFERS,
+               what="attribution: no CUDA graphs, every kernel launched alone"),
     Experiment("resnet50_baseline", "resnet50", "resnet50_baseline", profile=True,
                what="ResNet-50 as benchmarked"),
     Experiment("resnet50_gather_pool", "resnet50", "resnet50_baseline",
@@ -90,8 +100,6 @@ TINY_XLA_FLAGS = "--xla_cpu_enable_fast_math=false"
 def _environment_with_packages(scratch: Path) -> dict[str, str]:
     """os.environ, plus carried wheels on PYTHONPATH where launch.py's imports are missing."""
     env = dict(os.environ, PYTHONUNBUFFERED="1", TF_CPP_MIN_LOG_LEVEL="2")
-    import importlib.util
-
     missing = [m for m in ("grain", "ml_collections", "clu") if importlib.util.find_spec(m) is None]
     wheels = sorted((REPO / ".whl").glob("*.whl"))
     if missing and wheels:
@@ -135,25 +143,34 @@ def _run(experiment: Experiment, args, env: dict[str, str], limit_s: float,
         run_env["XLA_FLAGS"] = " ".join(filter(None, [env.get("XLA_FLAGS", ""), flags]))
     print(f"=== {experiment.name}: {experiment.what} (limit {limit_s:.0f}s)", flush=True)
     start = time.perf_counter()
+    row, profile, error = None, None, None
     try:
         result = subprocess.run(
             _command(experiment, args, workdir), cwd=REPO, env=run_env,
             capture_output=True, text=True, timeout=limit_s,
         )
-        error = None if result.returncode == 0 else f"exit {result.returncode}: {result.stderr[-1500:]}"
+        if result.returncode != 0:
+            error = f"exit {result.returncode}: {_last_line(result.stderr)}"
+            print(result.stderr[-3000:], flush=True)
     except subprocess.TimeoutExpired:
         error = f"stopped at its {limit_s:.0f}s limit"
-    outcome = {"experiment": experiment, "wall_s": time.perf_counter() - start, "error": error,
-               "row": None, "profile": None, "xla_flags": flags}
     csv_path = workdir / "benchmark.csv"
-    if error is None and csv_path.exists():
-        rows = outputs.read_csv(csv_path)
-        outcome["row"] = rows[0] if rows else None
-        profile = workdir / "kernel_profile.md"
-        outcome["profile"] = profile.read_text() if profile.exists() else None
-    print(f"=== {experiment.name}: " + (error or "done") + f" after {outcome['wall_s']:.0f}s",
-          flush=True)
-    return outcome
+    if error is None:
+        rows = outputs.read_csv(csv_path) if csv_path.exists() else []
+        row = rows[0] if rows else None
+        error = None if row else f"no result row in {csv_path}"
+        profile_path = workdir / "kernel_profile.md"
+        profile = profile_path.read_text() if profile_path.exists() else None
+    wall_s = time.perf_counter() - start
+    print(f"=== {experiment.name}: {error or 'done'} after {wall_s:.0f}s", flush=True)
+    return {"experiment": experiment, "wall_s": wall_s, "error": error, "row": row,
+            "profile": profile, "xla_flags": flags}
+
+
+def _last_line(text: str) -> str:
+    """The last non-empty line of a log (usually the exception), safe in a table cell."""
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    return (lines[-1] if lines else "no output")[:300].replace("|", "/")
 
 
 def _table(outcomes: list[dict[str, Any]]) -> str:
@@ -165,7 +182,7 @@ def _table(outcomes: list[dict[str, Any]]) -> str:
     for o in outcomes:
         e, row = o["experiment"], o["row"]
         if row is None:
-            lines.append(f"| {e.name} | {e.model} | {e.what} | failed: {o['error'].splitlines()[0]} | | | | | |")
+            lines.append(f"| {e.name} | {e.model} | {e.what} | failed: {o['error']} | | | | | |")
             continue
         base = rates.get(e.baseline)
         ratio = f"{row['train_samples_per_sec'] / base:.3f}x" if base else "no baseline"

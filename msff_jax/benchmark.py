@@ -209,7 +209,7 @@ def _benchmark_model(config, mesh, environment, profile_dir: Path) -> tuple[list
     if bench.profile_steps:
         trace = kernel_profile.trace_steps(run_train_steps, bench.profile_steps, profile_dir)
         details["train_kernel_profile"] = kernel_profile.summarise_trace(
-            trace, bench.profile_steps
+            trace, bench.profile_steps, expect_device=environment["platform"] != "cpu"
         )
 
     infer_s = None

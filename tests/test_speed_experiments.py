@@ -8,6 +8,7 @@ plumbing, never the speed.
 
 import gzip
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -69,6 +70,46 @@ def test_summary_counts_stream_kernels_once_per_step_by_kind(tmp_path):
     assert "| select-and-scatter (max-pool backward) | 0.200 | 33.3% |" in table
 
 
+@pytest.mark.parametrize(
+    "name, kind",
+    [
+        ("sm90_xmma_fprop_implicit_gemm_bf16bf16_bf16f32_f32_nhwckrsc_nhwc", "convolution"),
+        ("sm80_xmma_wgrad_implicit_gemm_indexed_bf16", "convolution"),
+        ("convolution.12", "convolution"),
+        ("sm90_xmma_gemm_bf16bf16_bf16f32_f32_tn_n", "matmul"),
+        ("loop_convert_fusion_3", "elementwise fusion"),
+        ("wrapped_convert", "elementwise fusion"),
+        ("input_convert_reduce_fusion_1", "reduction fusion"),
+        ("concatenate_convert_fusion", "elementwise fusion"),
+        ("nchwToNhwcKernel", "copy / transpose"),
+        ("select_and_scatter_7", "select-and-scatter (max-pool backward)"),
+        ("all-reduce.3", "collective"),
+        ("cudaMemsetAsync", "memset"),
+    ],
+)
+def test_kernel_kinds_read_off_names(name, kind):
+    assert kernel_profile.kernel_kind(name) == kind
+
+
+def test_several_devices_give_per_device_figures_and_a_missing_gpu_trace_warns(tmp_path):
+    events = _gpu_like_trace()
+    # A second device running the same kernels.
+    events += [
+        {"ph": "M", "name": "process_name", "pid": 3, "args": {"name": "/device:GPU:1"}},
+        {"ph": "M", "name": "thread_name", "pid": 3, "tid": 7, "args": {"name": "Stream #7"}},
+    ] + [dict(e, pid=3) for e in events if e.get("pid") == 1 and e.get("tid") == 7 and e["ph"] == "X"]
+    two = kernel_profile.summarise_trace(_write_trace(tmp_path / "two.json.gz", events), steps=2)
+    assert two["device_count"] == 2 and two["kernel_ms_per_step"] == pytest.approx(0.6)
+    assert two["launches_per_step"] == 3 and two["warning"] is None
+
+    host_only = [e for e in _gpu_like_trace() if e.get("pid") == 2]
+    summary = kernel_profile.summarise_trace(
+        _write_trace(tmp_path / "host.json.gz", host_only), steps=1, expect_device=True
+    )
+    assert summary["source"] == "host" and "no device events" in summary["warning"]
+    assert "**Warning: no device events" in kernel_profile.markdown(summary, "t")
+
+
 def test_unreadable_trace_is_named(tmp_path):
     bad = tmp_path / "perfetto_trace.json.gz"
     bad.write_bytes(b"not gzip")
@@ -92,7 +133,7 @@ def tiny_experiments(tmp_path_factory):
     out = tmp_path_factory.mktemp("speed")
     command = [
         sys.executable, "benchmarks/speed_experiments.py", "--tiny", "--out_dir", str(out),
-        "--experiments", "msff_baseline", "msff_gather_fused", "msff_command_buffers",
+        "--experiments", "msff_baseline", "msff_gather_fused", "msff_cudnn_command_buffers",
         "--warmup_steps", "1", "--timed_steps", "2", "--repeats", "2", "--profile_steps", "2",
     ]
     result = subprocess.run(command, cwd=REPO, capture_output=True, text=True)
@@ -104,7 +145,7 @@ def test_tiny_experiments_measure_each_option_against_its_baseline(tiny_experime
     out, stdout = tiny_experiments
     rows = outputs.read_csv(out / "speed_experiments.csv")
     assert [r["framework"] for r in rows] == [
-        "jax[msff_baseline]", "jax[msff_gather_fused]", "jax[msff_command_buffers]"
+        "jax[msff_baseline]", "jax[msff_gather_fused]", "jax[msff_cudnn_command_buffers]"
     ]
     assert all(r["model"] == "msff_ecomnet_tiny" and r["train_samples_per_sec"] > 0 for r in rows)
     table = (out / "speed_experiments.md").read_text()
@@ -136,3 +177,26 @@ def test_failed_experiment_is_reported_not_fatal(tmp_path):
     table = speed_experiments._table([outcome])
     assert "| msff_gather_pool | msff_ecomnet |" in table
     assert "failed: stopped at its 150s limit" in table
+    log = "Traceback (most recent call last):\n  ...\nValueError: bad | value\n\n"
+    assert speed_experiments._last_line(log) == "ValueError: bad / value"
+
+
+def test_an_experiment_whose_run_fails_gets_its_error_in_the_table(tmp_path):
+    """A real failing run: launch.py refuses an override the model does not have."""
+    import argparse
+
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    try:
+        import speed_experiments
+    finally:
+        sys.path.remove(str(REPO / "benchmarks"))
+    bad = speed_experiments.Experiment(
+        "bad", "msff_ecomnet", "bad", {"no_such_option": 1}, what="an unknown override"
+    )
+    args = argparse.Namespace(tiny=True, warmup_steps=1, timed_steps=1, repeats=1,
+                              profile_steps=0, out_dir=tmp_path)
+    outcome = speed_experiments._run(bad, args, dict(os.environ), 300, tmp_path)
+    assert outcome["row"] is None
+    assert outcome["error"].startswith("exit 1: ")
+    assert "no_such_option" in outcome["error"]
+    assert "failed: exit 1: " in speed_experiments._table([outcome])

@@ -22,7 +22,7 @@ def _pool_and_grad(x, g, strides, backward):
 
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
 @pytest.mark.parametrize("strides", [1, 2])
-@pytest.mark.parametrize("height, width", [(7, 7), (8, 6), (5, 9)])
+@pytest.mark.parametrize("height, width", [(7, 7), (8, 6), (5, 9), (1, 1), (2, 3)])
 def test_gather_max_pool_routes_gradients_exactly_as_select_and_scatter(
     dtype, strides, height, width
 ):
@@ -60,6 +60,19 @@ def test_gather_max_pool_matches_on_random_gradients_and_under_jit():
     gather = jax.jit(lambda x, g: _pool_and_grad(x, g, 2, "gather"))(x, g)
     np.testing.assert_array_equal(gather[0], scatter[0])
     np.testing.assert_allclose(gather[1], scatter[1], rtol=1e-6, atol=1e-6)
+
+
+def test_gather_max_pool_under_vmap_and_remat():
+    rng = np.random.default_rng(1)
+    x = jnp.asarray(rng.normal(size=(2, 3, 9, 9, 4)), jnp.float32)  # A vmapped batch axis.
+
+    def loss(x, backward):
+        pool = jax.checkpoint(lambda x: max_pool_3x3(x, 2, backward))
+        return jnp.sum(jax.vmap(pool)(x) ** 2)
+
+    np.testing.assert_allclose(
+        jax.grad(loss)(x, "gather"), jax.grad(loss)(x, "scatter"), rtol=1e-6, atol=1e-6
+    )
 
 
 def test_unknown_max_pool_backward_is_refused():

@@ -8,6 +8,10 @@ kernel the device ran, by name and by kind. On a GPU the events come from the
 the cuDNN/cuBLAS kernel); a CPU has no device processes, so there the summary falls back
 to the host's XLA events, which is enough to check the plumbing.
 
+XLA may switch CUDA-graph command buffers off while the profiler runs, so the traced
+steps can launch kernels one by one where the timed ones replay graphs: compare the
+kernel time per step with the timed step, and read the launch count as an upper bound.
+
 The kinds are read off kernel names by `KERNEL_KINDS` (first match wins): they answer
 the questions the speed work asks, e.g. how much of a step is convolution, how much is
 XLA's select-and-scatter (the max-pool backward), how much is elementwise and
@@ -29,13 +33,15 @@ PERFETTO_NAME = "perfetto_trace.json.gz"
 
 KERNEL_KINDS: tuple[tuple[str, str], ...] = (
     ("select-and-scatter (max-pool backward)", r"select.?and.?scatter"),
-    ("convolution", r"conv|xmma|implicit_?gemm|fprop|dgrad|wgrad|cudnn|winograd"),
+    # Before convolution: cuDNN's layout kernels (nchwToNhwc...) are copies.
+    ("copy / transpose", r"copy|transpose|memcpy|nchwtonhwc|nhwctonchw"),
+    # `conv` but not `convert`: XLA names dtype-conversion fusions "..._convert_...".
+    ("convolution", r"conv(?!ert)|implicit_?gemm|fprop|dgrad|wgrad|winograd"),
     ("matmul", r"gemm|cublas|matmul|\bdot"),
     ("collective", r"all-reduce|all-gather|reduce-scatter|all-to-all|nccl|collective"),
     ("reduction fusion", r"reduce|reduction"),
-    ("copy / transpose", r"copy|transpose|memcpy"),
     ("memset", r"memset"),
-    ("elementwise fusion", r"fusion|loop_|concatenate|slice|pad"),
+    ("elementwise fusion", r"fusion|loop_|concatenate|slice|pad|convert"),
 )
 OTHER_KIND = "other"
 
@@ -63,8 +69,9 @@ def kernel_kind(name: str) -> str:
     return OTHER_KIND
 
 
-def _events(trace: dict) -> tuple[list[dict], str]:
-    """Kernel events of the device processes, or the host's XLA work on a CPU.
+def _events(trace: dict) -> tuple[list[dict], str, int]:
+    """Kernel events of the device processes (and how many devices), or the host's XLA
+    work on a CPU.
 
     A GPU process holds one line per CUDA stream ("Stream #N...", one event per kernel)
     beside derived lines ("XLA Modules", "XLA Ops", "Steps") that cover the same time
@@ -88,25 +95,33 @@ def _events(trace: dict) -> tuple[list[dict], str]:
             e for e in on_device
             if thread_names.get((e["pid"], e.get("tid")), "").startswith("Stream")
         ]
-        return (streams or on_device), "device"
+        return (streams or on_device), "device", len({e["pid"] for e in on_device})
     # Host events: leave out Python frames ('$file.py:line name') and the runtime's
     # own bookkeeping, keep what XLA ran.
     host = [
         e for e in complete
         if not e["name"].startswith("$") and "::" not in e["name"] and "(" not in e["name"]
     ]
-    return host, "host"
+    return host, "host", 1
 
 
-def summarise_trace(path: Path, steps: int, top: int = 25) -> dict[str, Any]:
-    """Per-kernel and per-kind totals of a Perfetto JSON trace, per step, in ms."""
+def summarise_trace(
+    path: Path, steps: int, top: int = 25, expect_device: bool = False
+) -> dict[str, Any]:
+    """Per-kernel and per-kind totals of a Perfetto JSON trace, per step and device, in ms.
+
+    With several devices (data parallelism: each runs the same kernels) the totals are
+    divided by the device count. `expect_device` (an accelerator ran the steps) adds a
+    warning to the summary when the trace holds no device events, e.g. when the GPU
+    tracer was unavailable: host events then say nothing about kernels.
+    """
     path = Path(path)
     try:
         with gzip.open(path, "rt") as f:
             trace = json.load(f)
     except (OSError, json.JSONDecodeError) as error:
         raise ValueError(f"{path}: not a readable Perfetto JSON trace ({error})") from error
-    events, source = _events(trace)
+    events, source, device_count = _events(trace)
     by_name: dict[str, list[float]] = collections.defaultdict(lambda: [0.0, 0])
     for event in events:
         entry = by_name[event["name"]]
@@ -117,10 +132,18 @@ def summarise_trace(path: Path, steps: int, top: int = 25) -> dict[str, Any]:
     for name, (ms, _) in by_name.items():
         by_kind[kernel_kind(name)] += ms
     ranked = sorted(by_name.items(), key=lambda item: -item[1][0])
-    per_step = max(steps, 1)
+    per_step = max(steps, 1) * device_count
+    warning = None
+    if expect_device and source != "device":
+        warning = (
+            "no device events in the trace (is the GPU profiler available?): these are "
+            "host events, not kernel times"
+        )
     return {
         "trace": str(path),
         "source": source,
+        "device_count": device_count,
+        "warning": warning,
         "steps": steps,
         "kernel_ms_per_step": total_ms / per_step,
         "distinct_kernels": len(by_name),
@@ -147,11 +170,16 @@ def markdown(summary: dict[str, Any], title: str) -> str:
     lines = [
         f"## {title}",
         "",
-        f"{summary['source']} events of {summary['steps']} steps, "
-        f"{summary['kernel_ms_per_step']:.2f} ms of kernels per step, "
-        f"{summary['launches_per_step']:.0f} launches per step, "
+        f"{summary['source']} events of {summary['steps']} steps on "
+        f"{summary['device_count']} device(s), per step and device: "
+        f"{summary['kernel_ms_per_step']:.2f} ms of kernels, "
+        f"{summary['launches_per_step']:.0f} launches; "
         f"{summary['distinct_kernels']} distinct kernels.",
         "",
+    ]
+    if summary.get("warning"):
+        lines += [f"**Warning: {summary['warning']}.**", ""]
+    lines += [
         "| kind | ms/step | share |",
         "|---|---|---|",
     ]

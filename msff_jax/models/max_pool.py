@@ -38,13 +38,18 @@ _WINDOW = 3
 _OFFSETS = tuple((dh, dw) for dh in range(_WINDOW) for dw in range(_WINDOW))
 
 
+def check_backward(backward: str, field: str = "max_pool_backward") -> None:
+    """Refuses an unknown backward name, naming the accepted ones."""
+    if backward not in MAX_POOL_BACKWARDS:
+        raise ValueError(f"{field} must be one of {MAX_POOL_BACKWARDS}; got {backward!r}")
+
+
 def max_pool_3x3(x: jnp.ndarray, strides: int, backward: str = "scatter") -> jnp.ndarray:
     """Max over 3x3 windows of NHWC `x`, padding 1 (counted as -inf), stride `strides`."""
-    if backward == "scatter":
-        return nn.max_pool(x, (3, 3), strides=(strides, strides), padding=((1, 1), (1, 1)))
+    check_backward(backward, "max-pool backward")
     if backward == "gather":
         return _gather_max_pool(x, int(strides))
-    raise ValueError(f"max-pool backward must be one of {MAX_POOL_BACKWARDS}; got {backward!r}")
+    return nn.max_pool(x, (3, 3), strides=(strides, strides), padding=((1, 1), (1, 1)))
 
 
 def _output_size(size: int, strides: int) -> int:

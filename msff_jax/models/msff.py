@@ -57,39 +57,49 @@ from msff_jax.models.layers import (
     global_average_pool,
     prepare_images,
 )
-from msff_jax.models.max_pool import MAX_POOL_BACKWARDS, max_pool_3x3
+from msff_jax.models.max_pool import check_backward, max_pool_3x3
 
 
 class ConvKernel(nn.Module):
-    """The parameter of a bias-free `nn.Conv` (name, shape, initializer), without the conv."""
+    """The parameter of a bias-free `nn.Conv` (name, shape, initializer, dtype), without
+    the convolution."""
 
     features: int
     kernel_size: int
+    kernel_init: Any
     param_dtype: Any
 
     @nn.compact
     def __call__(self, in_features: int) -> jnp.ndarray:
         shape = (self.kernel_size, self.kernel_size, in_features, self.features)
-        return self.param("kernel", nn.linear.default_kernel_init, shape, self.param_dtype)
+        return self.param("kernel", self.kernel_init, shape, self.param_dtype)
 
 
 class PointwiseUnit(nn.Module):
     """A 1x1 `ConvNormAct` whose convolution its parent runs together with its siblings'.
 
     Same children as `ConvNormAct` (`'0'` the kernel, `'1'` the BatchNorm), so the
-    parameter tree is the same whether the parent fuses or not. Called twice: with
-    `in_features` it returns its kernel; with the convolution's output it normalises
-    and activates it.
+    parameter tree is the same whether the parent fuses or not. Children named `'0'`
+    and `'1'` need a compact method (`setup` names children after attributes), and the
+    parent needs every unit's kernel before any unit's output exists, hence two calls:
+    `unit(in_features=C)` returns the kernel; `unit(conv_output)` normalises and
+    activates that unit's part of the joint convolution.
     """
 
     norm: ModuleDef
     features: int
+    kernel_init: Any
     param_dtype: Any
 
     @nn.compact
     def __call__(self, x=None, *, in_features: int | None = None) -> jnp.ndarray:
+        if (x is None) == (in_features is None):
+            raise TypeError("PointwiseUnit takes either in_features= (to return its kernel) "
+                            "or the convolution's output, not both or neither")
         if in_features is not None:
-            return ConvKernel(self.features, 1, self.param_dtype, name="0")(in_features)
+            return ConvKernel(
+                self.features, 1, self.kernel_init, self.param_dtype, name="0"
+            )(in_features)
         return nn.relu(self.norm(name="1")(x))
 
 
@@ -108,8 +118,6 @@ class MultiScaleParallelConv(nn.Module):
     strides: int = 1
     max_pool_backward: str = "scatter"
     fuse_pointwise: bool = False
-    dtype: Any = jnp.float32
-    param_dtype: Any = jnp.float32
 
     @nn.compact
     def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
@@ -143,12 +151,28 @@ class MultiScaleParallelConv(nn.Module):
         return jnp.concatenate([fine, local, wide, pooled], axis=-1)
 
     def _pointwise_together(self, x, names, width) -> list[jnp.ndarray]:
-        """The 1x1 units `names` on `x` as one convolution, split back per unit."""
-        units = [PointwiseUnit(self.norm, width, self.param_dtype, name=n) for n in names]
+        """The 1x1 units `names` on `x` as one convolution, split back per unit.
+
+        Kernel initializer, parameter and computation dtypes and precision are those of
+        the `conv` every other unit uses (read from an unbound instance of it), so the
+        fused and separate convolutions cannot drift apart.
+        """
+        conv = self.conv(width, (1, 1), parent=None)
+        if conv.use_bias or conv.feature_group_count != 1:
+            raise ValueError("fuse_pointwise needs bias-free, ungrouped convolutions")
+        units = [
+            PointwiseUnit(self.norm, width, conv.kernel_init, conv.param_dtype, name=n)
+            for n in names
+        ]
         kernel = jnp.concatenate([u(in_features=x.shape[-1]) for u in units], axis=-1)
-        x, kernel = nn.dtypes.promote_dtype(x, kernel, dtype=self.dtype)
+        x, kernel = conv.promote_dtype(x, kernel, dtype=conv.dtype)
         y = lax.conv_general_dilated(
-            x, kernel, (1, 1), "VALID", dimension_numbers=("NHWC", "HWIO", "NHWC")
+            x,
+            kernel,
+            (1, 1),
+            "VALID",
+            dimension_numbers=("NHWC", "HWIO", "NHWC"),
+            precision=conv.precision,
         )
         return [u(part) for u, part in zip(units, jnp.split(y, len(units), axis=-1))]
 
@@ -180,8 +204,6 @@ class MSFFBlock(nn.Module):
                 self.strides,
                 max_pool_backward=self.max_pool_backward,
                 fuse_pointwise=self.fuse_pointwise,
-                dtype=self.dtype,
-                param_dtype=self.param_dtype,
                 name="msp_conv",
             )(x)
         else:
@@ -226,11 +248,7 @@ class MSFFEComNet(nn.Module):
 
     @nn.compact
     def __call__(self, images: jnp.ndarray, train: bool = False) -> jnp.ndarray:
-        if self.max_pool_backward not in MAX_POOL_BACKWARDS:
-            raise ValueError(
-                f"max_pool_backward must be one of {MAX_POOL_BACKWARDS}; "
-                f"got {self.max_pool_backward!r}"
-            )
+        check_backward(self.max_pool_backward)
         if self.use_iasm and self.channel_attention not in CHANNEL_ATTENTIONS:
             raise ValueError(
                 f"channel_attention must be one of {CHANNEL_ATTENTIONS}; "

@@ -32,7 +32,7 @@ from msff_jax.models.layers import (
     prepare_images,
     torch_padding,
 )
-from msff_jax.models.max_pool import MAX_POOL_BACKWARDS, max_pool_3x3
+from msff_jax.models.max_pool import check_backward, max_pool_3x3
 
 
 class Bottleneck(nn.Module):
@@ -74,11 +74,7 @@ class ResNet(nn.Module):
 
     @nn.compact
     def __call__(self, images: jnp.ndarray, train: bool = False) -> jnp.ndarray:
-        if self.max_pool_backward not in MAX_POOL_BACKWARDS:
-            raise ValueError(
-                f"max_pool_backward must be one of {MAX_POOL_BACKWARDS}; "
-                f"got {self.max_pool_backward!r}"
-            )
+        check_backward(self.max_pool_backward)
         x = prepare_images(images, self.dtype)
         conv, norm = conv_and_norm(
             train=train,
