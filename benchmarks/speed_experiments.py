@@ -61,6 +61,8 @@ class Experiment:
 
 
 EXPERIMENTS: tuple[Experiment, ...] = (
+    # Ordered by what a short GPU session needs first: the two options on both models,
+    # then their combination, then attributions and XLA flags.
     Experiment("msff_baseline", "msff_ecomnet", "msff_baseline", profile=True,
                what="MSFF-EComNet as benchmarked"),
     Experiment("msff_gather_pool", "msff_ecomnet", "msff_baseline",
@@ -69,12 +71,14 @@ EXPERIMENTS: tuple[Experiment, ...] = (
     Experiment("msff_fused_pointwise", "msff_ecomnet", "msff_baseline",
                {"fuse_pointwise": True},
                what="MSP-Conv's 1x1 convs on the block input as one conv"),
+    Experiment("resnet50_baseline", "resnet50", "resnet50_baseline", profile=True,
+               what="ResNet-50 as benchmarked"),
+    Experiment("resnet50_gather_pool", "resnet50", "resnet50_baseline",
+               {"max_pool_backward": "gather"},
+               what="stem max-pool backward without select-and-scatter"),
     Experiment("msff_gather_fused", "msff_ecomnet", "msff_baseline",
                {"max_pool_backward": "gather", "fuse_pointwise": True},
                what="both options above"),
-    Experiment("msff_cudnn_command_buffers", "msff_ecomnet", "msff_baseline",
-               xla_flags=CUDNN_COMMAND_BUFFERS,
-               what="cuDNN convolutions in CUDA graphs too"),
     Experiment("msff_widths_x32", "msff_ecomnet", "msff_baseline",
                {"stage_widths": (160, 320, 640, 1280)},
                what="attribution: stage widths multiples of 32, branches of 8 "
@@ -82,14 +86,12 @@ EXPERIMENTS: tuple[Experiment, ...] = (
                in_tiny_run=False),
     Experiment("msff_no_iasm", "msff_msp", "msff_baseline",
                what="attribution: MSFF without IASM (ablation msff_msp)", in_tiny_run=False),
+    Experiment("msff_cudnn_command_buffers", "msff_ecomnet", "msff_baseline",
+               xla_flags=CUDNN_COMMAND_BUFFERS,
+               what="cuDNN convolutions in CUDA graphs too"),
     Experiment("msff_no_command_buffers", "msff_ecomnet", "msff_baseline",
                xla_flags=NO_COMMAND_BUFFERS,
                what="attribution: no CUDA graphs, every kernel launched alone"),
-    Experiment("resnet50_baseline", "resnet50", "resnet50_baseline", profile=True,
-               what="ResNet-50 as benchmarked"),
-    Experiment("resnet50_gather_pool", "resnet50", "resnet50_baseline",
-               {"max_pool_backward": "gather"},
-               what="stem max-pool backward without select-and-scatter"),
 )
 BY_NAME = {e.name: e for e in EXPERIMENTS}
 
