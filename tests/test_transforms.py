@@ -120,17 +120,53 @@ def test_unknown_backend_is_refused():
 
 def test_cv2_decodes_big_jpegs_at_reduced_scale(monkeypatch):
     decoded_shapes = []
-    original_imdecode = transforms.cv2.imdecode
+    original_decode = transforms._decode_cv2_backend
 
-    def spying_imdecode(buffer, flags):
-        pixels = original_imdecode(buffer, flags)
+    def spying_decode(image_bytes, factor, is_jpeg):
+        pixels = original_decode(image_bytes, factor, is_jpeg)
         decoded_shapes.append(pixels.shape)
         return pixels
 
-    monkeypatch.setattr(transforms.cv2, "imdecode", spying_imdecode)
+    monkeypatch.setattr(transforms, "_decode_cv2_backend", spying_decode)
     transforms.decode_resize_center_crop(BIG_JPEG, 32, backend="cv2")
     transforms.decode_resize_center_crop(BIG_JPEG, 224, backend="cv2")
     assert decoded_shapes == [(40, 50, 3), (320, 400, 3)]
+
+
+def _noise_jpeg(mode=None, **options):
+    pixels = np.random.default_rng(0).integers(0, 256, size=(37, 61, 3), dtype=np.uint8)
+    image = Image.fromarray(pixels)
+    image = image.convert(mode) if mode else image
+    buffer = io.BytesIO()
+    image.save(buffer, "JPEG", **{"quality": 90, **options})
+    return buffer.getvalue()
+
+
+@pytest.mark.parametrize("image_bytes", [
+    _noise_jpeg(),
+    _noise_jpeg("L"),
+    _noise_jpeg("CMYK"),
+    _noise_jpeg(progressive=True),
+    _noise_jpeg(quality=100, subsampling=0),
+], ids=["rgb_420", "gray", "cmyk", "progressive", "rgb_444"])
+def test_simplejpeg_decodes_the_same_pixels_as_opencv(image_bytes, monkeypatch):
+    assert transforms.simplejpeg is not None, "simplejpeg is in requirements.txt"
+    with_simplejpeg = transforms._decode_cv2_backend(image_bytes, 1, True)
+    monkeypatch.setattr(transforms, "simplejpeg", None)
+    opencv_only = transforms._decode_cv2_backend(image_bytes, 1, True)
+    assert with_simplejpeg.dtype == np.uint8 and with_simplejpeg.shape == (37, 61, 3)
+    np.testing.assert_array_equal(with_simplejpeg, opencv_only)
+
+
+def test_data_simplejpeg_refuses_goes_to_opencv(monkeypatch):
+    calls = []
+    original_imdecode = transforms.cv2.imdecode
+    monkeypatch.setattr(transforms.cv2, "imdecode", lambda *a: calls.append(1) or original_imdecode(*a))
+    transforms._decode_cv2_backend(_noise_jpeg(), 1, True)
+    assert calls == []  # A good JPEG never reaches OpenCV.
+    truncated = JPEG[: len(JPEG) // 2]
+    transforms._decode_cv2_backend(truncated, 1, True)
+    assert calls == [1]  # simplejpeg refused it; OpenCV had the last word.
 
 
 def test_pil_draft_decodes_big_jpegs_at_reduced_scale(monkeypatch):
