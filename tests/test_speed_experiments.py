@@ -133,7 +133,7 @@ def tiny_experiments(tmp_path_factory):
     out = tmp_path_factory.mktemp("speed")
     command = [
         sys.executable, "benchmarks/speed_experiments.py", "--tiny", "--out_dir", str(out),
-        "--experiments", "msff_baseline", "msff_gather_fused", "msff_cudnn_command_buffers",
+        "--experiments", "msff_baseline", "msff_scatter_pool", "msff_cudnn_command_buffers",
         "--warmup_steps", "1", "--timed_steps", "2", "--repeats", "2", "--profile_steps", "2",
     ]
     result = subprocess.run(command, cwd=REPO, capture_output=True, text=True)
@@ -145,15 +145,15 @@ def test_tiny_experiments_measure_each_option_against_its_baseline(tiny_experime
     out, stdout = tiny_experiments
     rows = outputs.read_csv(out / "speed_experiments.csv")
     assert [r["framework"] for r in rows] == [
-        "jax[msff_baseline]", "jax[msff_gather_fused]", "jax[msff_cudnn_command_buffers]"
+        "jax[msff_baseline]", "jax[msff_scatter_pool]", "jax[msff_cudnn_command_buffers]"
     ]
     assert all(r["model"] == "msff_ecomnet_tiny" and r["train_samples_per_sec"] > 0 for r in rows)
     table = (out / "speed_experiments.md").read_text()
-    assert "| msff_baseline | msff_ecomnet | MSFF-EComNet as benchmarked |" in table
+    assert "| msff_baseline | msff_ecomnet | MSFF-EComNet as benchmarked" in table
     assert "| 1.000x |" in table
-    gather_line = next(line for line in table.splitlines() if line.startswith("| msff_gather_fused"))
+    scatter_line = next(line for line in table.splitlines() if line.startswith("| msff_scatter_pool"))
     ratio = rows[1]["train_samples_per_sec"] / rows[0]["train_samples_per_sec"]
-    assert f"| {ratio:.3f}x |" in gather_line
+    assert f"| {ratio:.3f}x |" in scatter_line
     # The flag experiment ran with its (CPU stand-in) flag.
     assert "--xla_cpu_enable_fast_math=false" in table
     # The baseline's profile: the train step's kernels, summarised.
@@ -169,13 +169,13 @@ def test_failed_experiment_is_reported_not_fatal(tmp_path):
     finally:
         sys.path.remove(str(REPO / "benchmarks"))
     outcome = {
-        "experiment": speed_experiments.BY_NAME["msff_gather_pool"],
+        "experiment": speed_experiments.BY_NAME["msff_scatter_pool"],
         "row": None,
         "error": "stopped at its 150s limit",
         "xla_flags": "",
     }
     table = speed_experiments._table([outcome])
-    assert "| msff_gather_pool | msff_ecomnet |" in table
+    assert "| msff_scatter_pool | msff_ecomnet |" in table
     assert "failed: stopped at its 150s limit" in table
     log = "Traceback (most recent call last):\n  ...\nValueError: bad | value\n\n"
     assert speed_experiments._last_line(log) == "ValueError: bad / value"

@@ -75,6 +75,12 @@ def test_gather_max_pool_under_vmap_and_remat():
     )
 
 
+def test_defaults_are_the_gather_backward_and_separate_convolutions():
+    model = get_model("msff_ecomnet", 15)
+    assert (model.max_pool_backward, model.fuse_pointwise) == ("gather", False)
+    assert get_model("resnet50", 15).max_pool_backward == "gather"
+
+
 def test_unknown_max_pool_backward_is_refused():
     with pytest.raises(ValueError, match="must be one of \\('scatter', 'gather'\\); got 'fast'"):
         max_pool_3x3(jnp.zeros((1, 4, 4, 1)), 1, "fast")
@@ -106,22 +112,23 @@ def _largest_relative_difference(a, b):
 
 
 @pytest.mark.parametrize(
-    "name, options",
+    "name, reference, options",
     [
-        ("msff_ecomnet", {"fuse_pointwise": True}),
-        ("msff_ecomnet", {"max_pool_backward": "gather"}),
-        ("msff_ecomnet", {"fuse_pointwise": True, "max_pool_backward": "gather"}),
-        ("msff_msp", {"fuse_pointwise": True}),
-        ("resnet50", {"max_pool_backward": "gather"}),
+        ("msff_ecomnet", {"max_pool_backward": "scatter"}, {"max_pool_backward": "gather"}),
+        ("msff_ecomnet", {"fuse_pointwise": False}, {"fuse_pointwise": True}),
+        ("msff_ecomnet", {"max_pool_backward": "scatter", "fuse_pointwise": False},
+         {"max_pool_backward": "gather", "fuse_pointwise": True}),
+        ("msff_msp", {"fuse_pointwise": False}, {"fuse_pointwise": True}),
+        ("resnet50", {"max_pool_backward": "scatter"}, {"max_pool_backward": "gather"}),
     ],
 )
-def test_speed_options_keep_parameters_outputs_statistics_and_gradients(name, options):
+def test_speed_options_keep_parameters_outputs_statistics_and_gradients(name, reference, options):
     """Tiny presets: two MSFF stages, so both the plain and the strided MSP-Conv (where
     `branch_1x1` strides and stays out of the fused convolution) are covered."""
     images = jnp.asarray(
         np.random.default_rng(0).integers(0, 256, size=(4, 32, 32, 3)), jnp.float32
     )
-    plain = get_model(name, 15, **TINY_OVERRIDES[name])
+    plain = get_model(name, 15, **TINY_OVERRIDES[name], **reference)
     fast = get_model(name, 15, **TINY_OVERRIDES[name], **options)
     plain_vars = plain.init(jax.random.key(0), images)
     fast_vars = fast.init(jax.random.key(0), images)

@@ -44,7 +44,7 @@ def check_backward(backward: str, field: str = "max_pool_backward") -> None:
         raise ValueError(f"{field} must be one of {MAX_POOL_BACKWARDS}; got {backward!r}")
 
 
-def max_pool_3x3(x: jnp.ndarray, strides: int, backward: str = "scatter") -> jnp.ndarray:
+def max_pool_3x3(x: jnp.ndarray, strides: int, backward: str) -> jnp.ndarray:
     """Max over 3x3 windows of NHWC `x`, padding 1 (counted as -inf), stride `strides`."""
     check_backward(backward, "max-pool backward")
     if backward == "gather":

@@ -116,7 +116,7 @@ class MultiScaleParallelConv(nn.Module):
     norm: ModuleDef
     features: int
     strides: int = 1
-    max_pool_backward: str = "scatter"
+    max_pool_backward: str = "gather"
     fuse_pointwise: bool = False
 
     @nn.compact
@@ -239,9 +239,11 @@ class MSFFEComNet(nn.Module):
     norm_epsilon: float = 1e-5
     # Implementation choices that change speed, not the function or the parameters
     # (checked by tests/test_speed_options.py): how max-pools are differentiated
-    # (`msff_jax.models.max_pool`) and whether MSP-Conv runs its 1x1 convolutions on
-    # the block input as one.
-    max_pool_backward: str = "scatter"
+    # (`msff_jax.models.max_pool`; 'gather' is deterministic, and on the CPU trained
+    # this model 16-23% faster than XLA's select-and-scatter, BENCHMARKS.md) and
+    # whether MSP-Conv runs its 1x1 convolutions on the block input as one (no gain
+    # measured on the CPU; off until a GPU run says otherwise).
+    max_pool_backward: str = "gather"
     fuse_pointwise: bool = False
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32

@@ -66,9 +66,9 @@ class ResNet(nn.Module):
     num_filters: int = 64
     norm_momentum: float = 0.9
     norm_epsilon: float = 1e-5
-    # How the stem's max-pool is differentiated (`msff_jax.models.max_pool`); the two
-    # give the same gradient, they differ only in speed.
-    max_pool_backward: str = "scatter"
+    # How the stem's max-pool is differentiated (`msff_jax.models.max_pool`): the two
+    # give the same gradient; 'gather' is deterministic and needs no scatter.
+    max_pool_backward: str = "gather"
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
 
