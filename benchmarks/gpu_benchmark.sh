@@ -99,7 +99,7 @@ else
 fi
 VARIANT_FLAGS="${BENCH_VARIANT_XLA_FLAGS-$VARIANT_FLAGS_DEFAULT}"
 # Module options per model for every JAX run, as a Python dict literal, e.g.
-# "{'msff_ecomnet': {'max_pool_backward': 'gather', 'fuse_pointwise': True}}".
+# "{'msff_ecomnet': {'max_pool_backward': 'scatter', 'fuse_pointwise': True}}".
 if [[ -n "${BENCH_MODEL_OPTIONS:-}" ]]; then
   JAX_EXTRA+=("--config.benchmark.per_model_overrides=$BENCH_MODEL_OPTIONS")
 fi

@@ -66,7 +66,7 @@ EXPERIMENTS: tuple[Experiment, ...] = (
     Experiment("msff_baseline", "msff_ecomnet", "msff_baseline", profile=True,
                what="MSFF-EComNet as benchmarked (gather max-pool backward, separate 1x1s)"),
     Experiment("msff_scatter_pool", "msff_ecomnet", "msff_baseline",
-               {"max_pool_backward": "scatter"},
+               {"max_pool_backward": "scatter"}, profile=True,
                what="max-pool backward by XLA's select-and-scatter (the default until 2026-11-27)"),
     Experiment("msff_fused_pointwise", "msff_ecomnet", "msff_baseline",
                {"fuse_pointwise": True},

@@ -32,7 +32,7 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
     # {'efficientnet_b0': 128}, for models that do not fit at the common size.
     bench.per_model_batch_size = ml_collections.ConfigDict()
     # Per-model module options on top of config.model_overrides, e.g. the speed options
-    # of msff_jax.models: {'msff_ecomnet': {'max_pool_backward': 'gather'}}.
+    # of msff_jax.models: {'msff_ecomnet': {'fuse_pointwise': True}}.
     bench.per_model_overrides = ml_collections.ConfigDict()
     # Inference: a large batch (no activations kept for backward) fills the GPU.
     bench.include_inference = True

@@ -199,14 +199,14 @@ def test_module_options_merge_tiny_preset_config_and_per_model_overrides():
     from msff_jax.models import TINY_OVERRIDES
 
     config = benchmark_config.get_config("cpu_tiny")
-    config.model_overrides = {"max_pool_backward": "gather", "dropout_rate": 0.0}
+    config.model_overrides = {"max_pool_backward": "scatter", "dropout_rate": 0.0}
     config.benchmark.per_model_overrides = {"msff_ecomnet": {"fuse_pointwise": True,
                                                              "dropout_rate": 0.5}}
     msff = benchmark._config_for_model(config, "msff_ecomnet").model_overrides.to_dict()
-    assert msff == {**TINY_OVERRIDES["msff_ecomnet"], "max_pool_backward": "gather",
+    assert msff == {**TINY_OVERRIDES["msff_ecomnet"], "max_pool_backward": "scatter",
                     "fuse_pointwise": True, "dropout_rate": 0.5}
     resnet = benchmark._config_for_model(config, "resnet50").model_overrides.to_dict()
-    assert resnet == {**TINY_OVERRIDES["resnet50"], "max_pool_backward": "gather",
+    assert resnet == {**TINY_OVERRIDES["resnet50"], "max_pool_backward": "scatter",
                       "dropout_rate": 0.0}
 
 

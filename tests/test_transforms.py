@@ -122,8 +122,8 @@ def test_cv2_decodes_big_jpegs_at_reduced_scale(monkeypatch):
     decoded_shapes = []
     original_decode = transforms._decode_cv2_backend
 
-    def spying_decode(image_bytes, factor, is_jpeg):
-        pixels = original_decode(image_bytes, factor, is_jpeg)
+    def spying_decode(image_bytes, factor, is_jpeg, pixel_count):
+        pixels = original_decode(image_bytes, factor, is_jpeg, pixel_count)
         decoded_shapes.append(pixels.shape)
         return pixels
 
@@ -151,9 +151,9 @@ def _noise_jpeg(mode=None, **options):
 ], ids=["rgb_420", "gray", "cmyk", "progressive", "rgb_444"])
 def test_simplejpeg_decodes_the_same_pixels_as_opencv(image_bytes, monkeypatch):
     assert transforms.simplejpeg is not None, "simplejpeg is in requirements.txt"
-    with_simplejpeg = transforms._decode_cv2_backend(image_bytes, 1, True)
+    with_simplejpeg = transforms._decode_cv2_backend(image_bytes, 1, True, 37 * 61)
     monkeypatch.setattr(transforms, "simplejpeg", None)
-    opencv_only = transforms._decode_cv2_backend(image_bytes, 1, True)
+    opencv_only = transforms._decode_cv2_backend(image_bytes, 1, True, 37 * 61)
     assert with_simplejpeg.dtype == np.uint8 and with_simplejpeg.shape == (37, 61, 3)
     np.testing.assert_array_equal(with_simplejpeg, opencv_only)
 
@@ -162,11 +162,13 @@ def test_data_simplejpeg_refuses_goes_to_opencv(monkeypatch):
     calls = []
     original_imdecode = transforms.cv2.imdecode
     monkeypatch.setattr(transforms.cv2, "imdecode", lambda *a: calls.append(1) or original_imdecode(*a))
-    transforms._decode_cv2_backend(_noise_jpeg(), 1, True)
+    transforms._decode_cv2_backend(_noise_jpeg(), 1, True, 37 * 61)
     assert calls == []  # A good JPEG never reaches OpenCV.
     truncated = JPEG[: len(JPEG) // 2]
-    transforms._decode_cv2_backend(truncated, 1, True)
+    transforms._decode_cv2_backend(truncated, 1, True, 60 * 40)
     assert calls == [1]  # simplejpeg refused it; OpenCV had the last word.
+    transforms._decode_cv2_backend(_noise_jpeg(), 1, True, 2**30 + 1)
+    assert calls == [1, 1]  # A header claiming over 2**30 pixels: OpenCV's cap applies.
 
 
 def test_pil_draft_decodes_big_jpegs_at_reduced_scale(monkeypatch):

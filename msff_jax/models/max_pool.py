@@ -5,7 +5,7 @@ XLA's `select_and_scatter`. XLA's GPU emitter runs that op as two unfused kernel
 fills the input-shaped gradient with zeros, the other walks every output position's
 window and adds its gradient into the chosen input with an atomic add (windows overlap:
 3x3 at stride 1 or 2 always do), which also makes it non-deterministic (XLA refuses it
-under `--xla_gpu_deterministic_ops`). MSFF-EComNet has a pooling branch in all eight
+when asked to exclude non-deterministic ops). MSFF-EComNet has a pooling branch in all eight
 blocks, at up to 56x56x164 per image.
 
 `backward="gather"` computes the same function and the same gradient without a scatter.
