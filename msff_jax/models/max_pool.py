@@ -5,8 +5,8 @@ XLA's `select_and_scatter`. XLA's GPU emitter runs that op as two unfused kernel
 fills the input-shaped gradient with zeros, the other walks every output position's
 window and adds its gradient into the chosen input with an atomic add (windows overlap:
 3x3 at stride 1 or 2 always do), which also makes it non-deterministic (XLA refuses it
-when asked to exclude non-deterministic ops). MSFF-EComNet has a pooling branch in all eight
-blocks, at up to 56x56x164 per image.
+when asked to exclude non-deterministic ops). MSFF-EComNet has a pooling branch in all
+eight blocks, at up to 56x56x164 per image.
 
 `backward="gather"` computes the same function and the same gradient without a scatter.
 The forward takes the nine shifted (strided) views of the padded input, their maximum,
@@ -91,8 +91,7 @@ def _gather_max_pool_impl(x: jnp.ndarray, strides: int, input_hw: tuple[int, int
 
 def _gather_forward(x, strides, input_hw):
     del input_hw
-    pooled, first = _pool_and_argmax(x, strides)
-    return pooled, first
+    return _pool_and_argmax(x, strides)  # (output, residual: the int8 window index)
 
 
 def _gather_backward(strides, input_hw, first, grad_out):
