@@ -1,18 +1,24 @@
 """Two processes on localhost (4 simulated devices each, joined by jax.distributed) train
 exactly like one process with 8 devices: same global batches, same BatchNorm statistics,
-same parameters to float tolerance."""
+same parameters to float tolerance. A SIGTERM that reaches only one process stops both at
+the same step with one checkpoint. And how `distributed.initialize` reads its flags and
+SLURM's environment."""
 
 import os
+import re
+import signal
 import socket
 import subprocess
+import time
 
 import jax
 import numpy as np
 import pytest
 
 from data_pipeline import digits
-from tests.test_resume import (REPO, final_params, launch_args, run_to_end, subprocess_env,
-                               write_tiny_config)
+from msff_jax import checkpointing, distributed, train
+from tests.test_resume import (REPO, final_params, launch_args, load_config, run_to_end,
+                               subprocess_env, write_tiny_config)
 
 # Three steps (one checkpoint, at step 3). The two runs reduce in different orders, so
 # parameters agree to float reassociation only: ~1e-5 relative after 1-5 steps here. But
@@ -42,30 +48,48 @@ def setup(tmp_path_factory):
     return root, write_tiny_config(str(root), data_dir, num_steps=NUM_STEPS, dropout_rate=0.0)
 
 
+def _start_processes(config_path, workdir, env, log_dir, count=2):
+    """`count` launch.py processes joined on a free localhost port; each one's stderr goes
+    to a file, so no pipe fills while the test waits on another."""
+    address = f"127.0.0.1:{_free_port()}"
+    processes, log_paths = [], []
+    for i in range(count):
+        log_paths.append(os.path.join(log_dir, f"process_{i}.log"))
+        with open(log_paths[-1], "w") as log:
+            processes.append(subprocess.Popen(
+                launch_args(config_path, workdir, f"--coordinator_address={address}",
+                            f"--num_processes={count}", f"--process_id={i}"),
+                cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=log, text=True))
+    return processes, log_paths
+
+
+def _wait_all(processes, log_paths, timeout=900):
+    """Waits for every process (killing all if one hangs); returns their logs."""
+    try:
+        for process in processes:
+            process.wait(timeout=timeout)
+    finally:
+        for process in processes:
+            if process.poll() is None:
+                process.kill()
+    return [open(path).read() for path in log_paths]
+
+
+def _logged_step(log_path):
+    """The last train step process 0 has logged so far (0 before the first)."""
+    steps = re.findall(r"\] \[(\d+)\] train/", open(log_path).read())
+    return int(steps[-1]) if steps else 0
+
+
 def test_two_processes_match_one_process_with_eight_devices(setup):
     root, config_path = setup
     single = str(root / "single")
     run_to_end(config_path, single, subprocess_env(str(root / "cache8"), device_count=8))
 
     multi = str(root / "multi")
-    env = subprocess_env(str(root / "cache4"), device_count=4)
-    address = f"127.0.0.1:{_free_port()}"
-    processes = [
-        subprocess.Popen(
-            launch_args(config_path, multi, f"--coordinator_address={address}", "--num_processes=2",
-                        f"--process_id={i}"),
-            cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-        for i in range(2)
-    ]
-    logs = []
-    try:
-        for process in processes:
-            _, err = process.communicate(timeout=900)
-            logs.append(err)
-    finally:
-        for process in processes:
-            if process.poll() is None:
-                process.kill()
+    processes, log_paths = _start_processes(
+        config_path, multi, subprocess_env(str(root / "cache4"), device_count=4), str(root))
+    logs = _wait_all(processes, log_paths)
     for process, log in zip(processes, logs):
         assert process.returncode == 0, log[-3000:]
     assert "process 1 of 2, 4 local of 8 devices" in logs[1]
@@ -82,3 +106,102 @@ def test_two_processes_match_one_process_with_eight_devices(setup):
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5), params_single, params_multi)
     moved = max(float(np.abs(a).max()) for a in jax.tree.leaves(params_single))
     assert moved > 0
+
+
+def test_sigterm_to_one_process_stops_both_at_the_same_step(tmp_path_factory, setup):
+    """A scheduler may signal one host before the others. The processes agree on it at the
+    next multiple of PREEMPTION_SYNC_EVERY_STEPS, all save that step together and exit 0;
+    the same command then resumes both from it and finishes."""
+    root, _ = setup
+    sync = train.PREEMPTION_SYNC_EVERY_STEPS
+    num_steps = sync + 2
+    work_root = tmp_path_factory.mktemp("sigterm")
+    config_path = write_tiny_config(str(work_root), str(root / "digits"), num_steps=num_steps,
+                                    dropout_rate=0.0)
+    env = subprocess_env(str(work_root / "cache"), device_count=4)
+    workdir = str(work_root / "work")
+
+    processes, log_paths = _start_processes(config_path, workdir, env, str(work_root))
+    try:
+        # Process 1 alone is signalled, once process 0 has logged step 2: well before the
+        # agreement step, so the flag is set on one process only when they compare.
+        deadline = time.monotonic() + 900
+        while _logged_step(log_paths[0]) < 2:
+            assert all(p.poll() is None for p in processes), open(log_paths[0]).read()[-3000:]
+            assert time.monotonic() < deadline, "no train step logged in time"
+            time.sleep(0.05)
+        assert _logged_step(log_paths[0]) < sync, "training outran the signal"
+        processes[1].send_signal(signal.SIGTERM)
+    finally:
+        logs = _wait_all(processes, log_paths)
+    for process, log in zip(processes, logs):
+        assert process.returncode == 0, log[-3000:]
+        assert f"preempted: checkpoint at step {sync} written" in log, log[-3000:]
+    assert "signal 15 received" in logs[1] and "signal 15 received" not in logs[0]
+    manager = checkpointing.make_manager(workdir, load_config(config_path), read_only=True)
+    assert manager.latest_step() == sync
+
+    processes, log_paths = _start_processes(config_path, workdir, env, str(work_root))
+    logs = _wait_all(processes, log_paths)
+    for process, log in zip(processes, logs):
+        assert process.returncode == 0, log[-3000:]
+        assert f"resuming from {checkpointing.checkpoint_dir(workdir)} step {sync}" in log
+    assert final_params(config_path, workdir)[1] == num_steps
+
+
+# ------------------------------------------------------------- distributed.initialize
+
+
+@pytest.fixture
+def fake_runtime(monkeypatch):
+    """Records the calls `initialize` makes to JAX's runtime instead of joining one."""
+    calls = []
+    monkeypatch.setattr(jax.distributed, "initialize", lambda **kwargs: calls.append(kwargs))
+    monkeypatch.setattr(jax.config, "update", lambda name, value: calls.append({name: value}))
+    for name in ("SLURM_JOB_ID", "SLURM_NTASKS"):
+        monkeypatch.delenv(name, raising=False)
+    return calls
+
+
+def test_initialize_alone_is_one_process(fake_runtime):
+    distributed.initialize()
+    assert fake_runtime == []
+
+
+@pytest.mark.parametrize("ntasks", ["1", ""])
+def test_initialize_in_a_slurm_job_with_one_task_is_one_process(fake_runtime, monkeypatch, ntasks):
+    monkeypatch.setenv("SLURM_JOB_ID", "1234")
+    monkeypatch.setenv("SLURM_NTASKS", ntasks)
+    distributed.initialize()
+    assert fake_runtime == []
+
+
+def test_initialize_under_srun_lets_jax_read_slurm(fake_runtime, monkeypatch):
+    monkeypatch.setenv("SLURM_JOB_ID", "1234")
+    monkeypatch.setenv("SLURM_NTASKS", "4")
+    distributed.initialize()
+    assert fake_runtime == [{"jax_cpu_collectives_implementation": "gloo"}, {}]
+
+
+def test_initialize_with_flags_passes_them_on(fake_runtime, monkeypatch):
+    monkeypatch.setenv("SLURM_JOB_ID", "1234")  # Explicit flags win over SLURM's environment.
+    monkeypatch.setenv("SLURM_NTASKS", "4")
+    distributed.initialize("10.0.0.1:1234", num_processes=2, process_id=1)
+    assert fake_runtime[-1] == dict(coordinator_address="10.0.0.1:1234", num_processes=2, process_id=1)
+
+
+@pytest.mark.parametrize("num_processes, process_id, message", [
+    (None, 0, "needs --num_processes and --process_id"),
+    (2, None, "needs --num_processes and --process_id"),
+    (2, 2, r"--process_id=2 must be in \[0, --num_processes=2\)"),
+    (2, -1, r"--process_id=-1 must be in"),
+])
+def test_initialize_rejects_incomplete_flags(fake_runtime, num_processes, process_id, message):
+    with pytest.raises(ValueError, match=message):
+        distributed.initialize("10.0.0.1:1234", num_processes=num_processes, process_id=process_id)
+    assert fake_runtime == []
+
+
+def test_any_process_in_one_process_is_the_flag():
+    assert distributed.any_process(True) is True
+    assert distributed.any_process(False) is False
