@@ -41,7 +41,7 @@ def get_config(model: str | None = None) -> ml_collections.ConfigDict:
     config.mean_rgb = (0.485 * 255, 0.456 * 255, 0.406 * 255)
     config.stddev_rgb = (0.229 * 255, 0.224 * 255, 0.225 * 255)
     # Reader options, passed to data_pipeline.reader as keywords (eval takes the
-    # worker/thread/buffer ones).
+    # worker/thread/buffer, checksum and backend ones).
     config.data = ml_collections.ConfigDict()
     # Decoding worker processes per host; 0 decodes in the training process with
     # `read_threads` threads (tests, small CPUs).
@@ -54,6 +54,10 @@ def get_config(model: str | None = None) -> ml_collections.ConfigDict:
     config.data.ratio_range = (3.0 / 4.0, 4.0 / 3.0)
     # SHA-256 of every shard against the manifest at start-up (seconds for 40k images).
     config.data.verify_checksums = True
+    # Image decoding and resizing, for training and evaluation alike: "cv2" (OpenCV, with
+    # simplejpeg for full-size JPEGs) or "pil" (Pillow). The two differ in the last bits
+    # of resized pixels, so evaluate with the backend a model was trained with.
+    config.data.image_backend = "cv2"
 
     # ------------------------------------------------------------ the recipe
     # Global batch (all devices, all hosts). 256 fits one 16 GB GPU at 224 px in bf16,

@@ -16,7 +16,7 @@ import numpy as np
 from absl import logging
 from clu import metric_writers, periodic_actions
 
-from data_pipeline import device_feed, reader
+from data_pipeline import device_feed, reader, transforms
 from msff_jax import checkpointing, distributed, evaluation, optimizers, steps
 from msff_jax import mesh as mesh_lib
 from msff_jax import train_state as train_state_lib
@@ -47,6 +47,9 @@ def check_config(config, *, num_devices: int, process_count: int) -> dict:
     if config.optimizer.name not in optimizers.OPTIMIZER_NAMES:
         raise ValueError(f"config.optimizer.name={config.optimizer.name!r} is unknown; use one of "
                          f"{optimizers.OPTIMIZER_NAMES}.")
+    if config.data.image_backend not in transforms.BACKENDS:
+        raise ValueError(f"config.data.image_backend={config.data.image_backend!r} is unknown; "
+                         f"use one of {transforms.BACKENDS}.")
     data_devices = mesh_lib.resolve_mesh_shape(config.mesh_shape, num_devices)[0]
     micro = config.grad_accum_steps
     if micro < 1 or config.batch_size % (data_devices * micro):
@@ -87,7 +90,8 @@ def _reader_options(config, *, train: bool) -> dict:
     options = config.data.to_dict()
     if not train:
         options = {k: v for k, v in options.items()
-                   if k in ("worker_count", "read_threads", "prefetch_buffer", "verify_checksums")}
+                   if k in ("worker_count", "read_threads", "prefetch_buffer", "verify_checksums",
+                            "image_backend")}
     return options
 
 

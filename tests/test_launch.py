@@ -49,6 +49,7 @@ def _config(digits_dir, **changes):
     ({"num_classes": 15}, r"config.num_classes=15 but .* lists 10 classes; set --config.num_classes=10"),
     ({"dtype": "float8"}, r"config.dtype='float8' is unknown"),
     ({"mesh_shape": (3, -1)}, r"mesh_shape=\(3, -1\) does not divide the 8 devices"),
+    ({"data": {"image_backend": "skimage"}}, r"config.data.image_backend='skimage' is unknown"),
 ])
 def test_config_errors_stop_before_compilation(digits_dir, tmp_path, no_compilation, changes, message):
     with pytest.raises((ValueError, FileNotFoundError), match=message):
