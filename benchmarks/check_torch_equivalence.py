@@ -9,8 +9,8 @@ the tolerance.
 
     python benchmarks/check_torch_equivalence.py --image_sizes 224 64
 
-This is the check behind issue #2's equivalence claim; `tests/test_torch_weights.py`
-repeats it at 64 px in CI.
+This is the check behind the claim that the baselines are torchvision's architectures;
+`tests/test_torch_weights.py` repeats it at 64 px in CI.
 """
 
 from __future__ import annotations

@@ -5,7 +5,7 @@
 #   BENCH_TINY=1 PYTHON=.venv/bin/python bash benchmarks/gpu_benchmark.sh   # CPU check
 #
 # Phases, each under its own time limit so one failure or hang keeps the others:
-#   setup   carried wheels (.whl/) installed if grain/ml_collections/clu are missing;
+#   setup   wheels from .whl/ (offline hosts) installed if grain/ml_collections/clu are missing;
 #           versions, nvidia-smi; XLA_FLAGS probed before use.
 #   data    a synthetic DeepFashion of 300-px JPEGs converted to TFRecord shards
 #           (data_pipeline.synthetic + data_pipeline.deepfashion; no TensorFlow).
@@ -18,7 +18,7 @@
 #           as rows 'jax[xla-flags]', to measure what the flags change.
 #   table   benchmarks/plot_results.py merges every CSV and prints the table last.
 #
-# Results go to $OUT if set (the device tool returns files from there), else to
+# Results go to $OUT if set (e.g. a batch system's output directory), else to
 # runs/gpu_benchmark. At most 8 files land there: the log, the CSVs, the JSON details,
 # comparison.md and comparison.png.
 #

@@ -9,7 +9,7 @@ torch key `stage1_block0.msp_conv.branch_3x3.0.weight`. Tests check that the par
 counts agree and that the two give the same logits from the same weights
 (`flax_variables_to_torch_state_dict`).
 
-Reading of the paper (see the Flax module's docstring and NOTES.md section 2): a stem of
+Reading of the paper (see the Flax module's docstring and PAPER.md section 2): a stem of
 three 3x3 conv units and a 3x3/2 max-pool; four stages of MSFF blocks (MSP-Conv, then
 the IASM residual attention); global average pooling, dropout and a linear head.
 """

@@ -5,8 +5,9 @@ experiment is one run of `launch.py --mode benchmark` on one model, in its own p
 (XLA flags are read once per process), training step only, with one change: a model
 option from `msff_jax.models` that keeps the function and the parameters
 (`max_pool_backward`, `fuse_pointwise`, each against its default), a different architecture to attribute time
-(no IASM, widths rounded to multiples of 32), or extra XLA flags. The baselines also
-record a profiler trace, summarised per kernel kind (`kernel_profile.md`).
+(no IASM, widths rounded to multiples of 32), or extra XLA flags. The baselines and
+the select-and-scatter experiment also record a profiler trace, summarised per kernel
+kind (`kernel_profile.md`).
 
     python benchmarks/speed_experiments.py --out_dir runs/speed             # one GPU
     python benchmarks/speed_experiments.py --tiny --out_dir /tmp/speed      # CPU check
@@ -19,7 +20,7 @@ benchmark's columns, `framework` naming the experiment), speed_experiments.md (t
 table) and kernel_profile.md; each experiment's own workdir and trace stay in a
 scratch directory that is removed at the end.
 
-On a host without grain/ml_collections/clu (the lent GPU machine), wheels carried in
+On a host without grain/ml_collections/clu (an offline GPU host), wheels carried in
 `.whl/` are installed into a scratch directory first, as `gpu_benchmark.sh` does.
 """
 
@@ -61,7 +62,7 @@ class Experiment:
 
 
 EXPERIMENTS: tuple[Experiment, ...] = (
-    # Ordered by what a short GPU session needs first: the two options on both models,
+    # Ordered by what a short GPU booking needs first: the two options on both models,
     # then attributions and XLA flags.
     Experiment("msff_baseline", "msff_ecomnet", "msff_baseline", profile=True,
                what="MSFF-EComNet as benchmarked (gather max-pool backward, separate 1x1s)"),

@@ -19,7 +19,7 @@ def get_config(model: str | None = None) -> ml_collections.ConfigDict:
 
     # ---------------------------------------------------------------- model
     config.model = model or "msff_ecomnet"
-    # Keyword overrides passed to `get_model` (e.g. TINY_OVERRIDES for the CPU demo).
+    # Keyword overrides passed to `get_model` (e.g. TINY_OVERRIDES for tests).
     config.model_overrides = ml_collections.ConfigDict()
     config.num_classes = 15
     config.image_size = 224

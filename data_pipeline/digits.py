@@ -1,7 +1,7 @@
 """Real images through the real shard format: scikit-learn's 1,797 handwritten digits.
 
 Synthetic data can only show that the code runs; these 8x8 scans, made by people for
-another purpose, show that the pipeline and the model actually learn (issue 4, item 7).
+another purpose, show that the pipeline and the model actually learn.
 They are upscaled to `image_size`, copied to three channels and stored as lossless PNG
 in the same TFRecord shards and manifest the DeepFashion converter writes, so the
 reader, the training loop and the evaluation run unchanged.

@@ -2,7 +2,7 @@
 
 The paper (section 4.1) uses 15 common categories, 50,000 images and an 8:1:1 split
 without saying which categories, how images were drawn, or how the split was made. Our
-default (NOTES.md section 3): the 15 most frequent categories, images drawn
+default (PAPER.md section 3): the 15 most frequent categories, images drawn
 class-balanced, and the split grouped by product folder, because DeepFashion's folders
 hold many photos of one product and the official partition spreads a product over
 train, val and test, which leaks near-duplicates into evaluation. Everything here is a

@@ -36,7 +36,7 @@ import numpy as np
 from absl import logging
 
 from msff_jax import mesh as mesh_lib
-from msff_jax import optimizers, steps, train_state
+from msff_jax import flops, optimizers, steps, train_state
 from msff_jax.benchmarking import device_peaks, kernel_profile, outputs, timing
 from msff_jax.models import TINY_OVERRIDES
 
@@ -165,13 +165,13 @@ def _benchmark_model(config, mesh, environment, profile_dir: Path) -> tuple[list
         forward, state.eval_variables(), infer_batch
     )
     forward_flops = (
-        timing.forward_flops_counted_on_cpu(
+        flops.counted_on_cpu(
             lambda v, x: model.apply(v, x, train=False),
             state.eval_variables(),
             jax.ShapeDtypeStruct(infer_batch["image"].shape, np.float32),
         )
-        or timing.analysed_flops(forward_lowered)
-        or timing.analysed_flops(forward_compiled)
+        or flops.analysed_flops(forward_lowered)
+        or flops.analysed_flops(forward_compiled)
     )
     forward_flops_per_image = forward_flops / bench.infer_batch_size if forward_flops else None
 
@@ -180,7 +180,7 @@ def _benchmark_model(config, mesh, environment, profile_dir: Path) -> tuple[list
     train_lowered, train_compiled, train_compile_s = timing.compile_ahead_of_time(
         train_step, state, train_batch
     )
-    train_flops = timing.analysed_flops(train_lowered)
+    train_flops = flops.analysed_flops(train_lowered)
     details.update(
         forward_flops_per_image=forward_flops_per_image,
         train_step_flops_per_image=train_flops / config.batch_size if train_flops else None,

@@ -9,7 +9,7 @@ Rules the report keeps, because a reader will hold our numbers against the paper
 - every table has separate 'ours' and 'paper' columns and a paper figure is never
   printed under 'ours' (the paper's figures live in `msff_jax.paper_tables`);
 - a model without a run is shown as missing, never filled in;
-- the paper's "Precision" is top-1 accuracy by its own definition (NOTES.md section 2),
+- the paper's "Precision" is top-1 accuracy by its own definition (PAPER.md section 2),
   so our 'precision' column is `top1`; the macro-averaged precision is given too, and
   our recall and F1 are the macro averages over classes;
 - parameter counts are measured from our model definitions (`get_model` +
@@ -376,7 +376,7 @@ def build_report(runs_dir: Path, runs: dict[str, RunResult], params: dict[str, i
         "Parameter counts ('ours') are measured from our model definitions at each run's "
         "number of classes and model overrides; * marks a model without a run, counted "
         "in its default architecture. The paper's baseline counts are 1000-class "
-        "ImageNet counts (NOTES.md section 5).",
+        "ImageNet counts (PAPER.md section 5).",
         "",
     ]
     if throughput:

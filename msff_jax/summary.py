@@ -1,11 +1,11 @@
 """Model summary: layer table, parameter count and forward FLOPs.
 
-FLOPs come from XLA's cost analysis of the compiled, jitted eval-mode forward pass at
-batch 1, so they count what actually runs (convolutions, BatchNorm, activations,
-pooling, attention). Convention: XLA counts a multiply-add as two floating-point
-operations; we report both `FLOPs` and `GMACs = FLOPs / 2 / 1e9`, the unit of
-torchvision's model table. ResNet-50 at 224 px: torchvision lists 4.09 GMACs, XLA on
-CPU (JAX 0.10.2) counts 4.00, 2.3% less; tests/test_summary.py holds it within 5%.
+FLOPs are XLA's count for the eval-mode forward pass at batch 1 (convolutions,
+BatchNorm, activations, pooling, attention), taken by `msff_jax.flops` exactly as the
+benchmark takes them, so `--mode summary` prints the same figure on a CPU or a GPU
+host. ResNet-50 at 224 px: torchvision lists 4.09 GMACs; XLA counts 3.97, about 3% less
+(it does not charge multiply-adds on zero padding); tests/test_summary.py holds it
+within 5%.
 
 Shapes are traced with `jax.eval_shape`, so no parameters are ever materialised and a
 full-size model is summarised without allocating its weights.
@@ -14,13 +14,14 @@ full-size model is summarised without allocating its weights.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Mapping
+from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from msff_jax import flops
 from msff_jax.models import get_model
 
 
@@ -50,19 +51,14 @@ class ModelSummary:
         )
 
 
-def _cost_flops(cost: Any) -> float:
-    """XLA's cost analysis is a dict in recent JAX, a one-element list in older."""
-    if isinstance(cost, (list, tuple)):
-        cost = cost[0] if cost else {}
-    if not isinstance(cost, Mapping) or "flops" not in cost:
-        raise RuntimeError(f"XLA cost analysis returned no 'flops' entry: {cost!r}")
-    return float(cost["flops"])
-
-
 def forward_flops(module: nn.Module, variables: Any, images: jax.ShapeDtypeStruct) -> float:
-    """FLOPs of the compiled eval-mode forward for the given (abstract) inputs."""
-    forward = jax.jit(lambda v, x: module.apply(v, x, train=False))
-    return _cost_flops(forward.lower(variables, images).compile().cost_analysis())
+    """FLOPs of the eval-mode forward for the given (abstract) inputs."""
+    counted = flops.counted_on_cpu(lambda v, x: module.apply(v, x, train=False), variables, images)
+    if counted is None:
+        raise RuntimeError(
+            f"XLA's cost analysis gave no FLOP count for {type(module).__name__} (JAX "
+            f"{jax.__version__}); the summary needs a JAX that lowers for the CPU platform.")
+    return counted
 
 
 def count_params(variables: Any) -> int:

@@ -6,7 +6,8 @@ import ml_collections
 import pytest
 
 from msff_jax.models import TINY_OVERRIDES, get_model
-from msff_jax.summary import _cost_flops, forward_flops, print_summary, summarize
+from msff_jax import flops
+from msff_jax.summary import forward_flops, print_summary, summarize
 
 TORCHVISION_RESNET50_GMACS = 4.09
 
@@ -38,11 +39,13 @@ def test_flops_grow_with_image_area():
     assert 3.0 < large / small < 4.2
 
 
-def test_cost_analysis_in_either_jax_format():
-    assert _cost_flops({"flops": 10.0}) == 10.0
-    assert _cost_flops([{"flops": 12.0}]) == 12.0
-    with pytest.raises(RuntimeError, match="flops"):
-        _cost_flops([])
+def test_summary_without_a_flop_count_says_why(monkeypatch):
+    monkeypatch.setattr(flops, "counted_on_cpu", lambda *args: None)
+    module = get_model("mobilenet_v3_large", 15, **TINY_OVERRIDES["mobilenet_v3_large"])
+    images = jax.ShapeDtypeStruct((1, 32, 32, 3), jnp.float32)
+    variables = jax.eval_shape(lambda x: module.init(jax.random.key(0), x, train=False), images)
+    with pytest.raises(RuntimeError, match="no FLOP count for MobileNetV3"):
+        forward_flops(module, variables, images)
 
 
 def test_print_summary_from_a_config(capsys):

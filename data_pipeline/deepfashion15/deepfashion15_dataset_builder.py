@@ -31,7 +31,7 @@ class Builder(tfds.core.GeneratorBasedBuilder):
     """The 15 most frequent DeepFashion categories, 50,000 images, split 8:1:1 by product."""
 
     VERSION = tfds.core.Version("1.0.0")
-    RELEASE_NOTES = {"1.0.0": "Initial release: the paper's protocol as read in NOTES.md section 3."}
+    RELEASE_NOTES = {"1.0.0": "Initial release: the paper's protocol as read in PAPER.md section 3."}
     BUILDER_CONFIGS = [
         DeepFashion15Config(name="paper", description="50,000 images drawn class-balanced, 8:1:1 by product folder."),
         DeepFashion15Config(name="balanced_all", max_images=0,

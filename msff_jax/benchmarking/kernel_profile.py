@@ -14,8 +14,9 @@ kernel time per step with the timed step, and read the launch count as an upper 
 
 The kinds are read off kernel names by `KERNEL_KINDS` (first match wins): they answer
 the questions the speed work asks, e.g. how much of a step is convolution, how much is
-XLA's select-and-scatter (the max-pool backward), how much is elementwise and
-reduction fusions (BatchNorm, attention maps, concatenation), how much is copying.
+XLA's select-and-scatter (the max-pool backward under `max_pool_backward='scatter'`),
+how much is elementwise and reduction fusions (BatchNorm, attention maps,
+concatenation), how much is copying.
 """
 
 from __future__ import annotations

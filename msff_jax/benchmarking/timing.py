@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import statistics
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -55,52 +55,6 @@ def compile_ahead_of_time(jitted: Any, *args: Any) -> tuple[Any, Any, float]:
     lowered = jitted.lower(*args)
     compiled = lowered.compile()
     return lowered, compiled, time.perf_counter() - start
-
-
-def _first_analysis(analysis: Any) -> Mapping[str, float] | None:
-    """cost_analysis() is a dict in recent JAX and a one-element list in older ones."""
-    if analysis is None:
-        return None
-    if isinstance(analysis, Mapping):
-        return analysis
-    if isinstance(analysis, Sequence) and analysis and isinstance(analysis[0], Mapping):
-        return analysis[0]
-    return None
-
-
-def analysed_flops(stage: Any) -> float | None:
-    """FLOPs XLA's cost analysis counts for a Lowered or Compiled stage, or None.
-
-    Prefer the Lowered (pre-optimisation) module: it is backend independent, whereas
-    after compilation on GPU the convolutions are cuDNN custom calls whose cost some
-    XLA versions do not count. A multiply-add counts as 2 FLOPs.
-    """
-    try:
-        analysis = _first_analysis(stage.cost_analysis())
-    except Exception:  # Some backends raise instead of returning nothing.
-        return None
-    if not analysis:
-        return None
-    flops = analysis.get("flops")
-    return float(flops) if flops and flops > 0 else None
-
-
-def forward_flops_counted_on_cpu(apply_fn: Any, *args: Any) -> float | None:
-    """FLOPs of `apply_fn(*args)` counted on a CPU lowering of the same computation.
-
-    On GPU (seen with JAX 0.11 on an H100) the cost analysis of both the lowered and
-    the compiled module leaves out most convolution FLOPs, and ResNet-50 came out at
-    1% of its true count. Lowering the same function for the CPU platform, which every
-    host has, counts every convolution; nothing is compiled or run. Arguments are
-    passed as shapes only, so device shardings play no part. None when this JAX
-    cannot lower for another platform.
-    """
-    abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), args)
-    try:
-        lowered = jax.jit(apply_fn).trace(*abstract).lower(lowering_platforms=("cpu",))
-    except Exception:  # Older JAX without trace()/lowering_platforms.
-        return None
-    return analysed_flops(lowered)
 
 
 def compiled_memory_bytes(compiled: Any) -> int | None:

@@ -1,6 +1,6 @@
 """IASM, the paper's residual channel-then-spatial attention (Eq. 2), and its parts.
 
-Reading (NOTES.md section 2): `F1 = M_c(F) * F`, `F2 = M_s(F1) * F1`,
+Reading (PAPER.md section 2): `F1 = M_c(F) * F`, `F2 = M_s(F1) * F1`,
 `out = F + F2`. The residual keeps the un-attended multi-scale features, so attention
 can only add emphasis, never erase what MSP-Conv found.
 

@@ -1,6 +1,6 @@
 """MSFF-EComNet and its ablations (paper Table 2), NHWC.
 
-Layout (NOTES.md section 2):
+Layout (PAPER.md section 2):
   stem: three 3x3 conv units (conv without bias, BatchNorm, ReLU) of widths
         `stem_widths`, the first with stride 2, then a 3x3/2 max-pool;
   four stages of MSFF blocks, `stage_sizes` blocks of widths `stage_widths`; the

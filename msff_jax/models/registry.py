@@ -4,7 +4,8 @@ Each name maps to a linen module class whose defaults are that architecture, or 
 `functools.partial` preset of one (the MSFF ablations). Overrides are module fields
 (widths, depths, dtype, ...); a field a preset fixes (the ablation switches `use_msp`,
 `use_iasm`) cannot be overridden, so an ablation name always means the variant it says. `TINY_OVERRIDES` shrinks every model to a few thousand
-parameters so tests and the CPU demo compile in seconds at 32-64 px.
+parameters so tests and the CPU study miniature compile in seconds at 32-64 px (the demo
+has its own, wider MSFF-EComNet in `configs/demo.py`).
 """
 
 from __future__ import annotations
