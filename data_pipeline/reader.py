@@ -26,6 +26,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import signal
 from collections.abc import Sequence
 
 import grain
@@ -183,6 +184,18 @@ def _ensure_absl_flags_parsed() -> None:
         flags.FLAGS.mark_as_parsed()
 
 
+def _worker_ignores_sigterm(worker_index: int, worker_count: int) -> None:
+    """Decode workers leave SIGTERM to the training process.
+
+    A scheduler's preemption signal often reaches the whole process group (SLURM,
+    `kill -TERM -PGID`, container stops). A worker killed by it makes the trainer's next
+    `next()` raise before the trainer has saved its preemption checkpoint; ignoring it
+    here lets the trainer save and then shut its workers down itself.
+    """
+    del worker_index, worker_count
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
 def _to_iter_dataset(
     ds: grain.MapDataset, *, worker_count: int, read_threads: int, prefetch_buffer: int
 ) -> grain.IterDataset:
@@ -197,7 +210,8 @@ def _to_iter_dataset(
     if worker_count > 0:
         _ensure_absl_flags_parsed()
         it = it.mp_prefetch(
-            grain.MultiprocessingOptions(num_workers=worker_count, per_worker_buffer_size=prefetch_buffer)
+            grain.MultiprocessingOptions(num_workers=worker_count, per_worker_buffer_size=prefetch_buffer),
+            worker_init_fn=_worker_ignores_sigterm,
         )
     return it
 

@@ -48,18 +48,20 @@ def setup(tmp_path_factory):
     return root, write_tiny_config(str(root), data_dir, num_steps=NUM_STEPS, dropout_rate=0.0)
 
 
-def _start_processes(config_path, workdir, env, log_dir, count=2):
-    """`count` launch.py processes joined on a free localhost port; each one's stderr goes
-    to a file, so no pipe fills while the test waits on another."""
+def _start_processes(config_path, workdir, env, log_dir, *extra_args, count=2, name="process"):
+    """`count` launch.py processes joined on a free localhost port, each in its own
+    process group (with its decode workers, if any); each one's stderr goes to a file,
+    so no pipe fills while the test waits on another."""
     address = f"127.0.0.1:{_free_port()}"
     processes, log_paths = [], []
     for i in range(count):
-        log_paths.append(os.path.join(log_dir, f"process_{i}.log"))
+        log_paths.append(os.path.join(log_dir, f"{name}_{i}.log"))
         with open(log_paths[-1], "w") as log:
             processes.append(subprocess.Popen(
                 launch_args(config_path, workdir, f"--coordinator_address={address}",
-                            f"--num_processes={count}", f"--process_id={i}"),
-                cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=log, text=True))
+                            f"--num_processes={count}", f"--process_id={i}", *extra_args),
+                cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=log, text=True,
+                start_new_session=True))
     return processes, log_paths
 
 
@@ -71,7 +73,7 @@ def _wait_all(processes, log_paths, timeout=900):
     finally:
         for process in processes:
             if process.poll() is None:
-                process.kill()
+                os.killpg(process.pid, signal.SIGKILL)
     return [open(path).read() for path in log_paths]
 
 
@@ -111,7 +113,9 @@ def test_two_processes_match_one_process_with_eight_devices(setup):
 def test_sigterm_to_one_process_stops_both_at_the_same_step(tmp_path_factory, setup):
     """A scheduler may signal one host before the others. The processes agree on it at the
     next multiple of PREEMPTION_SYNC_EVERY_STEPS, all save that step together and exit 0;
-    the same command then resumes both from it and finishes."""
+    the same command then resumes both from it and finishes. The signal goes to the
+    host's whole process group, decode workers included, as schedulers send it: the
+    trainer keeps drawing batches from those workers until the processes agree."""
     root, _ = setup
     sync = train.PREEMPTION_SYNC_EVERY_STEPS
     num_steps = sync + 2
@@ -121,7 +125,8 @@ def test_sigterm_to_one_process_stops_both_at_the_same_step(tmp_path_factory, se
     env = subprocess_env(str(work_root / "cache"), device_count=4)
     workdir = str(work_root / "work")
 
-    processes, log_paths = _start_processes(config_path, workdir, env, str(work_root))
+    workers = "--config.data.worker_count=1"
+    processes, log_paths = _start_processes(config_path, workdir, env, str(work_root), workers)
     try:
         # Process 1 alone is signalled, once process 0 has logged step 2: well before the
         # agreement step, so the flag is set on one process only when they compare.
@@ -131,7 +136,7 @@ def test_sigterm_to_one_process_stops_both_at_the_same_step(tmp_path_factory, se
             assert time.monotonic() < deadline, "no train step logged in time"
             time.sleep(0.05)
         assert _logged_step(log_paths[0]) < sync, "training outran the signal"
-        processes[1].send_signal(signal.SIGTERM)
+        os.killpg(processes[1].pid, signal.SIGTERM)
     finally:
         logs = _wait_all(processes, log_paths)
     for process, log in zip(processes, logs):
@@ -141,7 +146,8 @@ def test_sigterm_to_one_process_stops_both_at_the_same_step(tmp_path_factory, se
     manager = checkpointing.make_manager(workdir, load_config(config_path), read_only=True)
     assert manager.latest_step() == sync
 
-    processes, log_paths = _start_processes(config_path, workdir, env, str(work_root))
+    processes, log_paths = _start_processes(config_path, workdir, env, str(work_root), workers,
+                                            name="resumed")
     logs = _wait_all(processes, log_paths)
     for process, log in zip(processes, logs):
         assert process.returncode == 0, log[-3000:]

@@ -153,6 +153,45 @@ def test_worker_processes_give_the_same_batches_and_exact_restore(data_dir):
         np.testing.assert_array_equal(want["label"], got["label"])
 
 
+SIGTERM_TO_THE_GROUP = """
+import os, signal, sys
+from data_pipeline import reader
+
+
+def main(data_dir):
+    iterator = reader.make_train_iterator(data_dir, global_batch_size=6, image_size=16, seed=3,
+                                          worker_count=2, read_threads=1, prefetch_buffer=1)
+    next(iterator)  # The workers are up.
+    signal.signal(signal.SIGTERM, lambda *_: print("trainer got SIGTERM", flush=True))
+    os.killpg(0, signal.SIGTERM)  # As a scheduler does: every process of the group.
+    for _ in range(40):
+        next(iterator)
+    iterator.close()
+    print("40 batches after the signal", flush=True)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])
+"""
+
+
+def test_decode_workers_leave_sigterm_to_the_trainer(data_dir, tmp_path):
+    """A preemption signal sent to the whole process group must not kill the decode
+    workers: the trainer still needs batches until it has saved its checkpoint."""
+    import subprocess
+    import sys
+
+    script = tmp_path / "sigterm_to_the_group.py"
+    script.write_text(SIGTERM_TO_THE_GROUP)
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    result = subprocess.run([sys.executable, str(script), data_dir], cwd=repo, capture_output=True,
+                            text=True, timeout=300, start_new_session=True,
+                            env=dict(os.environ, PYTHONPATH=repo))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "trainer got SIGTERM" in result.stdout
+    assert "40 batches after the signal" in result.stdout
+
+
 def test_state_from_another_seed_is_refused(data_dir):
     state = _train(data_dir, seed=4).get_state()
     with pytest.raises(ValueError, match="seed"):
