@@ -4,8 +4,9 @@ Everything here is copied from the paper's Tables 2 and 3 (percent, parameters i
 millions) so the report can print it beside our results under a 'paper' heading. Nothing
 in this module is a measurement of ours; `msff_jax.report` must never put these values in
 an 'ours' column. The paper's tables have known inconsistencies: its F1 is not the
-harmonic mean of its precision and recall, and its baseline parameter counts are
-1000-class (ImageNet) figures.
+harmonic mean of its precision and recall, its ResNet-50 count is the 1000-class
+(ImageNet) figure, and its MobileNet-V3 and EfficientNet-B0 counts match no canonical
+variant.
 
 The paper's "Precision" is defined in its text as the share of all samples predicted
 correctly, i.e. top-1 accuracy; our counterpart is `top1` in eval_results.json.
