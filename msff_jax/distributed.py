@@ -20,17 +20,18 @@ def initialize(coordinator_address: str | None = None, num_processes: int | None
 
     - Flags given (`--coordinator_address host:port --num_processes N --process_id i`):
       uses them; every process runs the same command with its own id.
-    - Under SLURM with more than one task (`srun`): JAX reads the coordinator, process
+    - In a SLURM job step of several tasks (`srun`): JAX reads the coordinator, process
       count and id from SLURM's environment.
-    - Otherwise: one process.
+    - Otherwise: one process. That includes a batch script or `salloc` shell of an
+      allocation with several tasks, which holds one process until `srun` starts the
+      rest; a warning says so.
     """
-    slurm_tasks = int(os.environ.get("SLURM_NTASKS", "1") or 1)
     if coordinator_address:
         if num_processes is None or process_id is None:
             raise ValueError("--coordinator_address needs --num_processes and --process_id too.")
         if not 0 <= process_id < num_processes:
             raise ValueError(f"--process_id={process_id} must be in [0, --num_processes={num_processes}).")
-    elif not ("SLURM_JOB_ID" in os.environ and slurm_tasks > 1):
+    elif not _in_a_slurm_step_of_several_tasks():
         return
     # Cross-process collectives between CPU devices need an implementation; it only
     # affects the CPU backend, so GPU runs are unchanged.
@@ -42,6 +43,27 @@ def initialize(coordinator_address: str | None = None, num_processes: int | None
         jax.distributed.initialize()
     logging.info("process %d of %d, %d local of %d devices", jax.process_index(),
                  jax.process_count(), jax.local_device_count(), jax.device_count())
+
+
+def _slurm_count(name: str) -> int:
+    value = os.environ.get(name, "").strip()
+    return int(value) if value.isdigit() else 1
+
+
+def _in_a_slurm_step_of_several_tasks() -> bool:
+    """True inside `srun` with more than one task: SLURM then sets the step variables
+    (SLURM_STEP_NODELIST among them) that JAX's SLURM detection reads."""
+    if "SLURM_JOB_ID" not in os.environ:
+        return False
+    if "SLURM_STEP_NODELIST" in os.environ:
+        return _slurm_count("SLURM_STEP_NUM_TASKS" if "SLURM_STEP_NUM_TASKS" in os.environ
+                            else "SLURM_NTASKS") > 1
+    tasks = _slurm_count("SLURM_NTASKS")
+    if tasks > 1:
+        logging.warning("SLURM allocation of %d tasks, but this is not an srun step: running as "
+                        "one process. Start it with `srun python launch.py ...` to run %d "
+                        "processes.", tasks, tasks)
+    return False
 
 
 def is_primary() -> bool:

@@ -164,7 +164,7 @@ def fake_runtime(monkeypatch):
     calls = []
     monkeypatch.setattr(jax.distributed, "initialize", lambda **kwargs: calls.append(kwargs))
     monkeypatch.setattr(jax.config, "update", lambda name, value: calls.append({name: value}))
-    for name in ("SLURM_JOB_ID", "SLURM_NTASKS"):
+    for name in ("SLURM_JOB_ID", "SLURM_NTASKS", "SLURM_STEP_NODELIST", "SLURM_STEP_NUM_TASKS"):
         monkeypatch.delenv(name, raising=False)
     return calls
 
@@ -174,24 +174,44 @@ def test_initialize_alone_is_one_process(fake_runtime):
     assert fake_runtime == []
 
 
-@pytest.mark.parametrize("ntasks", ["1", ""])
-def test_initialize_in_a_slurm_job_with_one_task_is_one_process(fake_runtime, monkeypatch, ntasks):
+def _slurm(monkeypatch, **variables):
     monkeypatch.setenv("SLURM_JOB_ID", "1234")
-    monkeypatch.setenv("SLURM_NTASKS", ntasks)
+    for name, value in variables.items():
+        monkeypatch.setenv(f"SLURM_{name}", value)
+
+
+@pytest.mark.parametrize("ntasks", ["1", ""])
+def test_initialize_in_a_slurm_step_with_one_task_is_one_process(fake_runtime, monkeypatch, ntasks):
+    _slurm(monkeypatch, NTASKS=ntasks, STEP_NODELIST="node1")
     distributed.initialize()
     assert fake_runtime == []
 
 
 def test_initialize_under_srun_lets_jax_read_slurm(fake_runtime, monkeypatch):
-    monkeypatch.setenv("SLURM_JOB_ID", "1234")
-    monkeypatch.setenv("SLURM_NTASKS", "4")
+    _slurm(monkeypatch, NTASKS="4", STEP_NUM_TASKS="4", STEP_NODELIST="node[1-4]")
     distributed.initialize()
     assert fake_runtime == [{"jax_cpu_collectives_implementation": "gloo"}, {}]
 
 
+def test_srun_of_one_task_in_a_larger_allocation_is_one_process(fake_runtime, monkeypatch):
+    _slurm(monkeypatch, NTASKS="4", STEP_NUM_TASKS="1", STEP_NODELIST="node1")
+    distributed.initialize()
+    assert fake_runtime == []
+
+
+def test_batch_script_of_a_multi_task_allocation_is_one_process_with_a_warning(
+        fake_runtime, monkeypatch, caplog):
+    """sbatch/salloc set SLURM_NTASKS for the allocation, but only srun starts the other
+    processes; joining here would wait for processes that never come."""
+    _slurm(monkeypatch, NTASKS="4")
+    with caplog.at_level("WARNING"):
+        distributed.initialize()
+    assert fake_runtime == []
+    assert "not an srun step" in caplog.text
+
+
 def test_initialize_with_flags_passes_them_on(fake_runtime, monkeypatch):
-    monkeypatch.setenv("SLURM_JOB_ID", "1234")  # Explicit flags win over SLURM's environment.
-    monkeypatch.setenv("SLURM_NTASKS", "4")
+    _slurm(monkeypatch, NTASKS="4", STEP_NODELIST="node[1-4]")  # Explicit flags win over SLURM.
     distributed.initialize("10.0.0.1:1234", num_processes=2, process_id=1)
     assert fake_runtime[-1] == dict(coordinator_address="10.0.0.1:1234", num_processes=2, process_id=1)
 
