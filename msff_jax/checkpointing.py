@@ -73,19 +73,6 @@ class _FrozenIteratorState:
         return self._state
 
 
-class _IteratorStateSink:
-    """Receives the restored JSON bytes and hands the dict to the real iterator."""
-
-    def __init__(self, iterator):
-        self._iterator = iterator
-
-    def set_state(self, state: bytes) -> None:
-        self._iterator.set_state(json.loads(state.decode()))
-
-    def start_prefetch(self) -> None:  # grain's handler calls it after set_state.
-        pass
-
-
 def save(manager: ocp.CheckpointManager, step: int, state, data_iterator, *,
          metrics: dict | None = None, force: bool = False) -> bool:
     """Collective on every process. Returns whether a checkpoint was started."""
@@ -101,11 +88,45 @@ def save(manager: ocp.CheckpointManager, step: int, state, data_iterator, *,
 def restore(manager: ocp.CheckpointManager, step: int, abstract_state, data_iterator=None):
     """Restores the state into the shardings of `abstract_state`, and the iterator's
     position into `data_iterator` (unless None)."""
-    items = {STATE_ITEM: ocp.args.StandardRestore(abstract_state)}
+    restored = manager.restore(step, args=ocp.args.Composite(
+        **{STATE_ITEM: ocp.args.StandardRestore(abstract_state)}))
     if data_iterator is not None:
-        items[DATA_ITER_ITEM] = grain.checkpoint.CheckpointRestore(_IteratorStateSink(data_iterator))
-    restored = manager.restore(step, args=ocp.args.Composite(**items))
+        data_iterator.set_state(saved_iterator_state(manager, step))
     return restored[STATE_ITEM]
+
+
+def saved_iterator_state(manager: ocp.CheckpointManager, step: int) -> dict:
+    """The data position saved at `step`, whatever number of processes saved it.
+
+    Grain's handler writes one `process_{i}-of-{n}.json` per process. The position is
+    global (the number of global batches consumed, see `data_pipeline.reader`), so every
+    process wrote the same one, and a run may resume on another number of hosts: this
+    process reads its own file when there is one, else any, after checking they agree.
+    """
+    directory = os.path.join(str(manager.directory), str(step), DATA_ITER_ITEM)
+    own = os.path.join(directory, f"process_{jax.process_index()}-of-{jax.process_count()}.json")
+    names = sorted(n for n in os.listdir(directory) if n.startswith("process_") and n.endswith(".json")) \
+        if os.path.isdir(directory) else []
+    if not names:
+        raise FileNotFoundError(f"{directory} holds no data-iterator position "
+                                "(process_*-of-*.json); the checkpoint is incomplete.")
+    states = {}
+    for name in names:
+        path = os.path.join(directory, name)
+        try:
+            with open(path) as f:
+                states[name] = json.load(f)
+        except (OSError, json.JSONDecodeError) as err:
+            raise ValueError(f"{path}: unreadable data-iterator position ({err})") from err
+    if os.path.basename(own) in states:
+        return states[os.path.basename(own)]
+    first = next(iter(states.values()))
+    differing = [name for name, state in states.items() if state != first]
+    if differing:
+        raise ValueError(f"{directory}: the processes saved different data positions "
+                         f"({names[0]} and {differing[0]}); cannot resume on "
+                         f"{jax.process_count()} processes.")
+    return first
 
 
 def restore_for_inference(config, workdir: str, which: str = "best"):

@@ -1,11 +1,13 @@
 """Two processes on localhost (4 simulated devices each, joined by jax.distributed) train
 exactly like one process with 8 devices: same global batches, same BatchNorm statistics,
 same parameters to float tolerance. A SIGTERM that reaches only one process stops both at
-the same step with one checkpoint. And how `distributed.initialize` reads its flags and
+the same step with one checkpoint, which two processes or one can resume. And how `distributed.initialize` reads its flags and
 SLURM's environment."""
 
+import json
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -113,7 +115,8 @@ def test_two_processes_match_one_process_with_eight_devices(setup):
 def test_sigterm_to_one_process_stops_both_at_the_same_step(tmp_path_factory, setup):
     """A scheduler may signal one host before the others. The processes agree on it at the
     next multiple of PREEMPTION_SYNC_EVERY_STEPS, all save that step together and exit 0;
-    the same command then resumes both from it and finishes. The signal goes to the
+    the same command then resumes both from it and finishes, and so does one process
+    from a copy of the checkpoint. The signal goes to the
     host's whole process group, decode workers included, as schedulers send it: the
     trainer keeps drawing batches from those workers until the processes agree."""
     root, _ = setup
@@ -145,6 +148,12 @@ def test_sigterm_to_one_process_stops_both_at_the_same_step(tmp_path_factory, se
     assert "signal 15 received" in logs[1] and "signal 15 received" not in logs[0]
     manager = checkpointing.make_manager(workdir, load_config(config_path), read_only=True)
     assert manager.latest_step() == sync
+    # The same checkpoint also resumes on one host (one process with all 8 devices).
+    one_host = str(work_root / "one_host")
+    shutil.copytree(workdir, one_host)
+    log = run_to_end(config_path, one_host, subprocess_env(str(work_root / "cache8"), device_count=8))
+    assert f"resuming from {checkpointing.checkpoint_dir(one_host)} step {sync}" in log
+    assert final_params(config_path, one_host)[1] == num_steps
 
     processes, log_paths = _start_processes(config_path, workdir, env, str(work_root), workers,
                                             name="resumed")
@@ -231,3 +240,40 @@ def test_initialize_rejects_incomplete_flags(fake_runtime, num_processes, proces
 def test_any_process_in_one_process_is_the_flag():
     assert distributed.any_process(True) is True
     assert distributed.any_process(False) is False
+
+
+# ------------------------------------------------------- data position on another host count
+
+
+class _Manager:
+    def __init__(self, directory):
+        self.directory = directory
+
+
+def _write_positions(root, step, positions):
+    directory = root / str(step) / checkpointing.DATA_ITER_ITEM
+    directory.mkdir(parents=True)
+    for name, next_batch in positions.items():
+        (directory / name).write_text(json.dumps({"next_batch": next_batch, "seed": 0,
+                                                  "global_batch_size": 16}))
+
+
+def test_position_saved_by_two_processes_resumes_one(tmp_path):
+    _write_positions(tmp_path, 7, {"process_0-of-2.json": 7, "process_1-of-2.json": 7})
+    assert checkpointing.saved_iterator_state(_Manager(tmp_path), 7)["next_batch"] == 7
+
+
+def test_positions_that_disagree_are_refused(tmp_path):
+    _write_positions(tmp_path, 7, {"process_0-of-2.json": 7, "process_1-of-2.json": 6})
+    with pytest.raises(ValueError, match="processes saved different data positions"):
+        checkpointing.saved_iterator_state(_Manager(tmp_path), 7)
+
+
+def test_missing_or_broken_positions_name_the_directory(tmp_path):
+    (tmp_path / "3" / checkpointing.DATA_ITER_ITEM).mkdir(parents=True)
+    with pytest.raises(FileNotFoundError, match=r"3/data_iter holds no data-iterator position"):
+        checkpointing.saved_iterator_state(_Manager(tmp_path), 3)
+    _write_positions(tmp_path, 5, {"process_0-of-1.json": 5})
+    (tmp_path / "5" / checkpointing.DATA_ITER_ITEM / "process_0-of-1.json").write_text("{trunc")
+    with pytest.raises(ValueError, match=r"process_0-of-1.json: unreadable data-iterator position"):
+        checkpointing.saved_iterator_state(_Manager(tmp_path), 5)
