@@ -26,6 +26,10 @@ from msff_jax import train_state as train_state_lib
 PREEMPTION_SYNC_EVERY_STEPS = 10
 
 
+# The training's final report, WORKDIR/eval_results.json: it marks a finished run.
+FINAL_REPORT = "eval_results"
+
+
 class NonFiniteLossError(FloatingPointError):
     """Training produced a NaN or infinite loss; the message names the step."""
 
@@ -131,21 +135,26 @@ def run_evaluation(config, eval_step, variables, mesh, *, split: str, step: int,
                                    num_params=count_params(variables["params"]))
 
 
-def publish_evaluation(results: dict, writer, workdir: str, *, write_report: bool) -> None:
-    """Scalars and the confusion-matrix image to TensorBoard; with `write_report`, also
-    WORKDIR/eval_results.json and confusion_matrix.png (process 0 only)."""
+def publish_evaluation(results: dict, writer, workdir: str, *, report_name: str | None) -> None:
+    """Scalars and the confusion-matrix image to TensorBoard; with `report_name`, also
+    WORKDIR/{report_name}.json and WORKDIR/{report_name}_confusion_matrix.png, or
+    eval_results.json and confusion_matrix.png for the training's final report
+    (process 0 only)."""
     split, step = results["split"], results["step"]
     writer.write_scalars(step, {f"{split}/{k}": results[k] for k in
                                 ("top1", "top5", "macro_precision", "macro_recall", "macro_f1")})
     if not distributed.is_primary():
         return
-    png = os.path.join(workdir, "confusion_matrix.png") if write_report else None
+    final = report_name == FINAL_REPORT
+    png = None
+    if report_name:
+        png = os.path.join(workdir, "confusion_matrix.png" if final else f"{report_name}_confusion_matrix.png")
     image = evaluation.plot_confusion_matrix(
         np.asarray(results["confusion_matrix"]), results["class_names"], png,
         title=f"{results['model']} on {split}, step {step}")
     writer.write_images(step, {f"{split}/confusion_matrix": image[None]})
-    if write_report:
-        evaluation.write_eval_results(workdir, results)
+    if report_name:
+        evaluation.write_eval_results(workdir, results, f"{report_name}.json")
     logging.info("%s step %d: top1 %.4f top5 %.4f macro-F1 %.4f (%d examples)", split, step,
                  results["top1"], results["top5"], results["macro_f1"], results["num_examples"])
 
@@ -313,7 +322,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
                     latest_results = run_evaluation(config, eval_step, state.eval_variables(), mesh,
                                                     split=config.eval_split, step=step,
                                                     class_names=class_names)
-                    publish_evaluation(latest_results, writer, workdir, write_report=False)
+                    publish_evaluation(latest_results, writer, workdir, report_name=None)
                     checkpoint_metrics = {checkpointing.BEST_METRIC: latest_results["macro_f1"]}
                 if save_due:
                     checkpointing.save(manager, step, state, train_iter, metrics=checkpoint_metrics,
@@ -347,7 +356,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
     else:
         results = run_evaluation(config, eval_step, variables, mesh, split=final_split,
                                  step=report_step, class_names=class_names)
-    publish_evaluation(results, writer, workdir, write_report=True)
+    publish_evaluation(results, writer, workdir, report_name=FINAL_REPORT)
     writer.close()
     manager.close()
     train_input.close()
@@ -356,7 +365,8 @@ def train_and_evaluate(config, workdir: str) -> dict:
 
 def evaluate_checkpoint(config, workdir: str, *, which: str = "best", split: str | None = None) -> dict:
     """`--mode eval`: the best or latest checkpoint on `split` (default config.eval_split);
-    writes eval_results.json and confusion_matrix.png."""
+    writes eval_{split}_step{step}.json and its confusion matrix, never the training's
+    final report (eval_results.json), which `msff_jax.study` and the report read."""
     workdir = os.path.abspath(workdir)
     manifest = check_config(config, num_devices=jax.device_count(), process_count=jax.process_count())
     split = split or config.eval_split
@@ -379,6 +389,6 @@ def evaluate_checkpoint(config, workdir: str, *, which: str = "best", split: str
         os.path.join(workdir, "tensorboard"), just_logging=not distributed.is_primary())
     results = run_evaluation(config, steps.make_eval_step(config, model, mesh), state.eval_variables(),
                              mesh, split=split, step=step, class_names=manifest["class_names"])
-    publish_evaluation(results, writer, workdir, write_report=True)
+    publish_evaluation(results, writer, workdir, report_name=f"eval_{split}_step{step}")
     writer.close()
     return results

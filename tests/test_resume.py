@@ -178,21 +178,23 @@ def test_uncommitted_checkpoint_is_never_restored(setup, tmp_path):
 
 
 def test_eval_mode_reports_a_chosen_checkpoint_and_split(setup, tmp_path):
-    """`--mode eval --eval_split test --checkpoint latest` rewrites the report for that
-    checkpoint and split, counting every test example once."""
+    """`--mode eval --eval_split test --checkpoint latest` reports that checkpoint and
+    split in files of its own, counting every test example once, and leaves the
+    training's final report alone."""
     import json
 
     workdir = tmp_path / "work"
     shutil.copytree(setup["reference"], workdir)
-    os.remove(workdir / "eval_results.json")
+    final_report = (workdir / "eval_results.json").read_text()
     result = subprocess.run(
         launch_args(setup["config"], str(workdir), "--mode=eval", "--eval_split=test",
                     "--checkpoint=latest"),
         cwd=REPO, env=setup["env"], capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
-    report = json.load(open(workdir / "eval_results.json"))
+    report = json.load(open(workdir / f"eval_test_step{NUM_STEPS}.json"))
     manifest = json.load(open(os.path.join(load_config(setup["config"]).data_dir, "manifest.json")))
     assert (report["split"], report["step"]) == ("test", NUM_STEPS)
     assert report["num_examples"] == manifest["splits"]["test"]["num_examples"]
     assert sum(map(sum, report["confusion_matrix"])) == report["num_examples"]
-    assert os.path.isfile(workdir / "confusion_matrix.png")
+    assert os.path.isfile(workdir / f"eval_test_step{NUM_STEPS}_confusion_matrix.png")
+    assert (workdir / "eval_results.json").read_text() == final_report
