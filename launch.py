@@ -24,7 +24,7 @@ flags.DEFINE_enum("mode", None, MODES, "What to do. Default: the config's `mode`
                   "if it has one (configs/benchmark.py does), else train.")
 flags.DEFINE_string("eval_split", None, "--mode eval: split to evaluate (default config.eval_split).")
 flags.DEFINE_enum("checkpoint", "best", ("best", "latest"),
-                  "--mode eval: the best checkpoint by validation macro-F1, or the latest.")
+                  "--mode eval/export: the best checkpoint by validation macro-F1, or the latest.")
 flags.DEFINE_string("coordinator_address", None, "host:port of process 0, for several hosts.")
 flags.DEFINE_integer("num_processes", None, "Number of processes (hosts), with --coordinator_address.")
 flags.DEFINE_integer("process_id", None, "This process's index, with --coordinator_address.")
@@ -53,11 +53,11 @@ def main(argv):
     from msff_jax import distributed
 
     distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
-    if mode == "train":
-        if config.get("demo"):
-            from msff_jax import demo
+    if config.get("demo") and mode in ("train", "eval", "export"):
+        from msff_jax import demo
 
-            demo.prepare_data(config, workdir)
+        demo.prepare_data(config, workdir)  # Sets config.data_dir; generates only once.
+    if mode == "train":
         from msff_jax import train
 
         train.train_and_evaluate(config, workdir)
@@ -76,7 +76,7 @@ def main(argv):
     elif mode == "export":
         from msff_jax import export
 
-        export.run(config, workdir)
+        export.run(config, workdir, which=FLAGS.checkpoint)
 
 
 if __name__ == "__main__":

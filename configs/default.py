@@ -122,4 +122,7 @@ def get_config(model: str | None = None) -> ml_collections.ConfigDict:
     config.profile.enabled = False  # A trace in WORKDIR/tensorboard for TensorBoard's profiler.
     config.profile.first_step = 10
     config.profile.num_steps = 5
+    # `--mode export`: the platforms the jax.export artifact is lowered for (one file
+    # serves them all; drop one whose lowering this JAX lacks).
+    config.export_platforms = ("cpu", "cuda")
     return config

@@ -181,16 +181,16 @@ def _plain(value: Any) -> Any:
     return value
 
 
-def run(config, workdir: str) -> Path:
-    """`launch.py --mode export`: WORKDIR's best checkpoint (else the latest) ->
-    WORKDIR/export/. Set `--config.dtype=float32` for a float32 artifact (the run's
+def run(config, workdir: str, which: str = "best") -> Path:
+    """`launch.py --mode export`: WORKDIR's best checkpoint (`which='best'`, else the
+    latest; `--checkpoint latest` for the latest) -> WORKDIR/export/, lowered for
+    `config.export_platforms`. Set `--config.dtype=float32` for a float32 artifact (the run's
     dtype is used by default, so logits match training-time evaluation)."""
     from data_pipeline.transforms import EVAL_CROP_FRACTION
     from msff_jax.checkpointing import restore_for_inference
     from msff_jax.train_state import build_model
 
     workdir = Path(workdir)
-    which = config.get("export_checkpoint", "best")
     variables, step = restore_for_inference(config, str(workdir), which=which)
     class_names, names_source = find_class_names(config, workdir)
     metadata = build_metadata(
@@ -200,14 +200,14 @@ def run(config, workdir: str) -> Path:
         class_names=class_names,
         dtype=config.dtype,
         image_size=config.image_size,
-        crop_fraction=config.get("eval_crop_fraction", EVAL_CROP_FRACTION),
+        crop_fraction=EVAL_CROP_FRACTION,
         mean_rgb=config.mean_rgb,
         stddev_rgb=config.stddev_rgb,
         step=step,
         ema=config.get("ema_decay", 0.0) > 0,
         class_names_source=names_source,
     )
-    platforms = tuple(config.get("export_platforms", DEFAULT_PLATFORMS))
+    platforms = tuple(config.export_platforms)
     out_dir = write_export(workdir / EXPORT_DIRNAME, model=build_model(config),
                            variables=variables, metadata=metadata, platforms=platforms)
     logging.info("exported step %s of %s to %s", step, config.model, out_dir)

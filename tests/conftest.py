@@ -19,3 +19,10 @@ try:
     import torch._dynamo  # noqa: E402,F401
 except ImportError:
     pass
+
+# Start JAX's CPU backend now, with the eight devices: tests that set XLA_FLAGS for
+# their subprocesses (monkeypatch.setenv) would otherwise decide the device count of
+# this process too when they happen to run first.
+import jax  # noqa: E402
+
+assert jax.device_count() == 8, "XLA_FLAGS from the environment overrides the 8 simulated devices"
