@@ -108,14 +108,23 @@ def _local_batch_size(global_batch_size: int, process_count: int) -> int:
     return global_batch_size // process_count
 
 
-def _decode_record(source: TFRecordSource, record_index: int) -> dict:
-    """Reads (CRC-checked) and parses one record; errors name the shard and record."""
+def _decode_record(source: TFRecordSource, record_index: int, num_classes: int) -> dict:
+    """Reads (CRC-checked) and parses one record; errors name the shard and record.
+
+    A label outside the manifest's classes is refused here: one-hot encoding would turn
+    it into an all-zero target and train on it silently."""
     data = source[record_index]
     try:
-        return example_codec.decode_example(data)
+        example = example_codec.decode_example(data)
     except ValueError as err:
         path, local = source.locate(record_index)
         raise RecordDecodeError(f"{path}: record {local}: not a valid Example: {err}") from err
+    label = example[example_codec.CLASS_LABEL]
+    if label >= num_classes:
+        path, local = source.locate(record_index)
+        raise RecordDecodeError(f"{path}: record {local}: label {label} is outside the "
+                                f"manifest's {num_classes} classes [0, {num_classes})")
+    return example
 
 
 def _image_error(source: TFRecordSource, record_index: int, err: Exception) -> RecordDecodeError:
@@ -128,6 +137,7 @@ class _TrainExample:
     """Stream position -> augmented example. Picklable, so it runs in grain workers."""
 
     source: TFRecordSource
+    num_classes: int
     seed: int
     image_size: int
     scale: tuple[float, float]
@@ -137,7 +147,7 @@ class _TrainExample:
     def __call__(self, position: int, record_index: int) -> dict:
         epoch, index_in_epoch = divmod(int(position), len(self.source))
         rng = np.random.default_rng([self.seed, epoch, index_in_epoch])
-        example = _decode_record(self.source, record_index)
+        example = _decode_record(self.source, record_index, self.num_classes)
         try:
             image = transforms.decode_and_random_resized_crop(
                 example[example_codec.IMAGE_ENCODED], self.image_size, rng,
@@ -154,6 +164,7 @@ class _EvalExample:
     """Padded position -> centre-cropped example, or a masked-out blank past the end."""
 
     source: TFRecordSource
+    num_classes: int
     image_size: int
     backend: str
 
@@ -165,7 +176,7 @@ class _EvalExample:
                 "label": np.int32(0),
                 "mask": np.bool_(False),
             }
-        example = _decode_record(self.source, record_index)
+        example = _decode_record(self.source, record_index, self.num_classes)
         try:
             image = transforms.decode_resize_center_crop(
                 example[example_codec.IMAGE_ENCODED], self.image_size, backend=self.backend
@@ -296,9 +307,9 @@ def make_train_iterator(
     local_batch = _local_batch_size(global_batch_size, process_count)
     if not 0 <= seed < 2**32:
         raise ValueError(f"seed must be in [0, 2**32), got {seed}")
-    source, _ = open_split(data_dir, split, verify_checksums=verify_checksums)
+    source, info = open_split(data_dir, split, verify_checksums=verify_checksums)
     augment = _TrainExample(
-        source=source, seed=seed, image_size=image_size,
+        source=source, num_classes=len(info.class_names), seed=seed, image_size=image_size,
         scale=tuple(scale_range), ratio=tuple(ratio_range), backend=image_backend,
     )
     batches = (
@@ -338,12 +349,13 @@ def make_eval_iterator(
     """
     process_index, process_count = _default_process(process_index, process_count)
     local_batch = _local_batch_size(global_batch_size, process_count)
-    source, _ = open_split(data_dir, split, verify_checksums=verify_checksums)
+    source, info = open_split(data_dir, split, verify_checksums=verify_checksums)
     padded = math.ceil(len(source) / global_batch_size) * global_batch_size
     ds = (
         grain.MapDataset.range(padded)
         .slice(slice(process_index, None, process_count))
-        .map(_EvalExample(source=source, image_size=image_size, backend=image_backend))
+        .map(_EvalExample(source=source, num_classes=len(info.class_names), image_size=image_size,
+                          backend=image_backend))
         .batch(local_batch, drop_remainder=True)
     )
     return _to_iter_dataset(ds, worker_count=worker_count, read_threads=read_threads, prefetch_buffer=prefetch_buffer)

@@ -31,9 +31,12 @@ def example_ids(images: np.ndarray) -> list[int]:
     return [int(round(float(img[..., 0].mean()) / 8)) for img in images]
 
 
-def write_dataset(data_dir, split="train", num_examples=NUM_EXAMPLES, num_shards=3, broken_image_ids=()):
+def write_dataset(data_dir, split="train", num_examples=NUM_EXAMPLES, num_shards=3, broken_image_ids=(),
+                  num_classes=NUM_CLASSES):
     """Shards and manifest in the ARCHITECTURE.md format, written with the codec.
-    Examples in `broken_image_ids` carry bytes that are no image (their CRCs are fine)."""
+    Examples in `broken_image_ids` carry bytes that are no image (their CRCs are fine);
+    with `num_classes` below NUM_CLASSES the manifest lists fewer classes than the
+    records use."""
     os.makedirs(data_dir, exist_ok=True)
     shards = []
     ids = np.array_split(np.arange(num_examples), num_shards)
@@ -56,7 +59,7 @@ def write_dataset(data_dir, split="train", num_examples=NUM_EXAMPLES, num_shards
         shards.append({"file": name, "num_records": len(records), "sha256": digest})
     content = {
         "format_version": 1,
-        "class_names": [f"class{k}" for k in range(NUM_CLASSES)],
+        "class_names": [f"class{k}" for k in range(num_classes)],
         "image_format": "jpeg",
         "splits": {split: {"num_examples": num_examples, "class_counts": [], "shards": shards}},
         "source": {"tool": "tests"},
@@ -288,6 +291,17 @@ def test_undecodable_image_names_shard_and_record(tmp_path):
     with pytest.raises(reader.RecordDecodeError, match=rf"{shard}: record 1: cannot decode image"):
         _take(_train(str(tmp_path)), 1)
     with pytest.raises(reader.RecordDecodeError, match=rf"{shard}: record 1: cannot decode image"):
+        list(reader.make_eval_iterator(str(tmp_path), split="train", global_batch_size=6, image_size=IMAGE_SIZE,
+                                       process_index=0, process_count=1))
+
+
+def test_label_outside_the_manifest_classes_names_shard_and_record(tmp_path):
+    content = write_dataset(tmp_path, num_examples=6, num_shards=2, num_classes=2)
+    shard = content["splits"]["train"]["shards"][0]["file"]  # Example 2, label 2.
+    message = rf"{shard}: record 2: label 2 is outside the manifest's 2 classes"
+    with pytest.raises(reader.RecordDecodeError, match=message):
+        _take(_train(str(tmp_path)), 1)
+    with pytest.raises(reader.RecordDecodeError, match=message):
         list(reader.make_eval_iterator(str(tmp_path), split="train", global_batch_size=6, image_size=IMAGE_SIZE,
                                        process_index=0, process_count=1))
 
