@@ -2,8 +2,10 @@
 
 `make_optimizer(config, steps_per_epoch)` reads `config.optimizer.*`,
 `config.grad_clip_norm`, `config.batch_size` and the run length. Gradient accumulation
-is not done here but inside the train step (a scan over micro-batches), so BatchNorm
-statistics and the update see the whole batch in one step.
+is not done here but inside the train step (a scan over micro-batches), so the update
+sees the whole batch's averaged gradient in one optimizer step. BatchNorm normalises
+each micro-batch by its own statistics and updates its running averages once per
+micro-batch, as it would with that smaller batch.
 """
 
 from __future__ import annotations

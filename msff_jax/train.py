@@ -7,6 +7,7 @@ the same code; only process 0 writes logs, summaries and reports.
 
 from __future__ import annotations
 
+import math
 import os
 import signal
 import time
@@ -65,7 +66,8 @@ def check_config(config, *, num_devices: int, process_count: int) -> dict:
     if config.eval_batch_size % data_devices or config.eval_batch_size % process_count:
         raise ValueError(
             f"config.eval_batch_size={config.eval_batch_size} must be divisible by the "
-            f"{data_devices} data-parallel devices; use a multiple of {data_devices}.")
+            f"{data_devices} data-parallel devices and the {process_count} processes; use a "
+            f"multiple of {math.lcm(data_devices, process_count)}.")
     if not config.data_dir or not os.path.isdir(config.data_dir):
         raise FileNotFoundError(
             f"config.data_dir={config.data_dir!r} is not a directory; set --config.data_dir to "
@@ -327,6 +329,8 @@ def train_and_evaluate(config, workdir: str) -> dict:
                 if save_due:
                     checkpointing.save(manager, step, state, train_iter, metrics=checkpoint_metrics,
                                        force=True)
+                if window_steps == 0:  # Evaluation and saving stay out of the next figure.
+                    window_start = time.monotonic()
                 if preempted:
                     logging.warning("preempted: checkpoint at step %d written; rerun the same "
                                     "command to resume", step)
