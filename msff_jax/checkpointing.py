@@ -37,16 +37,15 @@ def _best_metric(metrics) -> float:
 
 
 def make_manager(workdir: str, config, *, read_only: bool = False) -> ocp.CheckpointManager:
-    """Saves every `checkpoint.every_steps` steps (and whenever the loop forces it),
-    keeps the latest `checkpoint.keep` plus the best by `val_macro_f1`."""
-    every = int(config.checkpoint.every_steps)
+    """Keeps the latest `checkpoint.keep` plus the best by `val_macro_f1`. The training
+    loop decides when to save (every `checkpoint.every_steps` steps, at evaluations, on
+    preemption) and always forces the save, so the manager has no interval of its own."""
     preservation = checkpoint_managers.AnyPreservationPolicy([
         checkpoint_managers.LatestN(n=max(1, int(config.checkpoint.keep))),
         checkpoint_managers.BestN(get_metric_fn=_best_metric, reverse=False, n=1,
                                   keep_checkpoints_without_metrics=False),
     ])
     options = ocp.CheckpointManagerOptions(
-        save_interval_steps=every if every > 0 and not read_only else 0,
         preservation_policy=None if read_only else preservation,
         best_fn=_best_metric,
         best_mode="max",

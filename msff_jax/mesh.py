@@ -57,7 +57,3 @@ def replicated(mesh: Mesh) -> NamedSharding:
 def batch_sharding(mesh: Mesh) -> NamedSharding:
     """Leading (batch) axis split over 'data', everything else replicated."""
     return NamedSharding(mesh, P("data"))
-
-
-def data_parallel_size(mesh: Mesh) -> int:
-    return mesh.shape["data"]
