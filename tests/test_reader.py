@@ -164,7 +164,8 @@ from data_pipeline import reader
 def main(data_dir):
     iterator = reader.make_train_iterator(data_dir, global_batch_size=6, image_size=16, seed=3,
                                           worker_count=2, read_threads=1, prefetch_buffer=1)
-    next(iterator)  # The workers are up.
+    for _ in range(4):  # Batches come from the workers in turn: both are up and set.
+        next(iterator)
     signal.signal(signal.SIGTERM, lambda *_: print("trainer got SIGTERM", flush=True))
     os.killpg(0, signal.SIGTERM)  # As a scheduler does: every process of the group.
     for _ in range(40):
