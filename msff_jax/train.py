@@ -274,6 +274,18 @@ def train_and_evaluate(config, workdir: str) -> dict:
     train_step = steps.make_train_step(config, model, tx, mesh)
     eval_step = steps.make_eval_step(config, model, mesh)
 
+    def evaluation_due(at_step: int) -> bool:
+        return at_step % eval_every == 0 or at_step == total_steps
+
+    # A preemption that lands on an evaluation step saves without evaluating (the grace
+    # period is for the save), so the restored step may still owe its evaluation.
+    latest_results = None
+    if latest is not None and evaluation_due(step) and manager.metrics(step) is None:
+        logging.info("step %d was saved without its evaluation (preempted); evaluating it now", step)
+        latest_results = run_evaluation(config, eval_step, state.eval_variables(), mesh,
+                                        split=config.eval_split, step=step, class_names=class_names)
+        publish_evaluation(latest_results, writer, workdir, report_name=None)
+
     # ---------------------------------------------------------------- periodic actions
     hooks = []
     if distributed.is_primary():
@@ -289,7 +301,6 @@ def train_and_evaluate(config, workdir: str) -> dict:
     # ---------------------------------------------------------------- loop
     pending, pending_first_step = [], step + 1
     window_start, window_steps = time.monotonic(), 0
-    latest_results = None
     preempted = False
     try:
         with PreemptionFlag() as preemption:
@@ -306,7 +317,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
                 if jax.process_count() == 1 or step % PREEMPTION_SYNC_EVERY_STEPS == 0:
                     preempted = distributed.any_process(preemption.requested)
                 is_last = step == total_steps
-                eval_due = step % eval_every == 0 or is_last
+                eval_due = evaluation_due(step)
                 save_due = (config.checkpoint.every_steps > 0
                             and step % config.checkpoint.every_steps == 0) or eval_due or preempted
                 if step % config.log_every_steps == 0 or save_due or is_last:
@@ -342,7 +353,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
         manager.wait_until_finished()
     if preempted:
         manager.close()
-        train_input.close()
+        train_iter.close()
         writer.close()
         return {"preempted_at_step": step}
 
@@ -350,7 +361,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
     final_split = config.get("test_split") or config.eval_split
     if final_split not in manifest["splits"]:
         final_split = config.eval_split
-    best = manager.best_step()
+    best = _best_step(manager, latest_results, step)
     variables, report_step = state.eval_variables(), step
     if best is not None and best != step:
         variables = checkpointing.restore(manager, best, abstract_state).eval_variables()
@@ -363,8 +374,20 @@ def train_and_evaluate(config, workdir: str) -> dict:
     publish_evaluation(results, writer, workdir, report_name=FINAL_REPORT)
     writer.close()
     manager.close()
-    train_input.close()
+    train_iter.close()
     return results
+
+
+def _best_step(manager, latest_results: dict | None, step: int) -> int | None:
+    """The step with the best validation macro-F1: among the checkpoints saved with it,
+    and the final step when it was evaluated only after its save (see the resume)."""
+    best = manager.best_step()
+    if latest_results is None or latest_results["step"] != step or manager.metrics(step) is not None:
+        return best
+    best_metrics = manager.metrics(best) if best is not None else None
+    if best_metrics is None or latest_results["macro_f1"] > best_metrics[checkpointing.BEST_METRIC]:
+        return step
+    return best
 
 
 def evaluate_checkpoint(config, workdir: str, *, which: str = "best", split: str | None = None) -> dict:

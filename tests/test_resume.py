@@ -81,16 +81,16 @@ def launch_args(config_path, workdir, *extra):
     return [sys.executable, "launch.py", "--config", config_path, "--workdir", workdir, *extra]
 
 
-def run_to_end(config_path, workdir, env, timeout=600):
-    result = subprocess.run(launch_args(config_path, workdir), cwd=REPO, env=env,
+def run_to_end(config_path, workdir, env, *extra_args, timeout=600):
+    result = subprocess.run(launch_args(config_path, workdir, *extra_args), cwd=REPO, env=env,
                             capture_output=True, text=True, timeout=timeout)
     assert result.returncode == 0, result.stderr[-3000:]
     return result.stderr
 
 
-def run_and_signal(config_path, workdir, env, sig, at_step, timeout=600):
+def run_and_signal(config_path, workdir, env, sig, at_step, *extra_args, timeout=600):
     """Starts training and sends `sig` once the log shows step `at_step` finished."""
-    process = subprocess.Popen(launch_args(config_path, workdir), cwd=REPO, env=env,
+    process = subprocess.Popen(launch_args(config_path, workdir, *extra_args), cwd=REPO, env=env,
                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     lines, sent = [], False
     try:
@@ -161,6 +161,23 @@ def test_interrupted_run_resumes_bitwise(setup, sig):
     params, step = final_params(setup["config"], workdir)
     assert step == NUM_STEPS
     assert_bitwise_equal(params, setup["params"])
+
+
+def test_step_saved_unevaluated_is_evaluated_on_resume(setup):
+    """A preemption on an evaluation step saves that step unevaluated. The rerun
+    evaluates it before training on, so the validation record has no gap."""
+    workdir = str(setup["root"] / "unevaluated")
+    # No evaluation before the end, so the preemption checkpoint has no metrics...
+    returncode, log = run_and_signal(setup["config"], workdir, setup["env"], signal.SIGTERM, 4,
+                                     "--config.eval_every_steps=100")
+    assert returncode == 0, log[-3000:]
+    stopped = int(re.search(r"preempted: checkpoint at step (\d+) written", log).group(1))
+    assert stopped < NUM_STEPS
+    # ...and with evaluations every `stopped` steps, the restored step is owed one.
+    log = run_to_end(setup["config"], workdir, setup["env"], f"--config.eval_every_steps={stopped}")
+    assert f"step {stopped} was saved without its evaluation (preempted); evaluating it now" in log
+    assert re.search(rf"\] \[{stopped}\] val/macro_f1=", log), log[-3000:]
+    assert final_params(setup["config"], workdir)[1] == NUM_STEPS
 
 
 def test_uncommitted_checkpoint_is_never_restored(setup, tmp_path):
