@@ -190,6 +190,11 @@ def run(config, workdir: str, which: str = "best") -> Path:
     from msff_jax.checkpointing import restore_for_inference
     from msff_jax.train_state import build_model
 
+    if jax.process_count() > 1:
+        raise ExportError(
+            f"--mode export runs as one process, not {jax.process_count()}: every process would "
+            "write the same files. Run it once, without --coordinator_address or srun; it "
+            "reads the checkpoint onto this host's devices.")
     workdir = Path(workdir)
     variables, step = restore_for_inference(config, str(workdir), which=which)
     class_names, names_source = find_class_names(config, workdir)
