@@ -21,11 +21,14 @@ import os
 import grain
 import jax
 import orbax.checkpoint as ocp
+from orbax.checkpoint import checkpoint_manager as orbax_checkpoint_manager
 from orbax.checkpoint import checkpoint_managers
 
 STATE_ITEM = "state"
 DATA_ITER_ITEM = "data_iter"
 BEST_METRIC = "val_macro_f1"
+# Where Orbax keeps a checkpoint's metrics (STEP/metrics/metrics).
+METRICS_ITEM = orbax_checkpoint_manager.METRIC_ITEM_NAME
 
 
 def checkpoint_dir(workdir: str) -> str:
@@ -84,6 +87,39 @@ def save(manager: ocp.CheckpointManager, step: int, state, data_iterator, *,
     return manager.save(step, args=args, metrics=metrics, force=force)
 
 
+def add_metrics(manager: ocp.CheckpointManager, step: int, metrics: dict) -> None:
+    """Records `metrics` for the committed checkpoint `step`, which was saved without
+    them (a preemption on an evaluation step saves first and evaluates never).
+
+    Collective on every process. Orbax keeps a checkpoint's metrics as JSON in
+    STEP/metrics/metrics and reads them back when it lists checkpoints; process 0 writes
+    that file atomically, then every process reloads the list, so the best-checkpoint
+    choice and its preservation see the step like any other evaluated one.
+    """
+    from msff_jax import distributed
+
+    if distributed.is_primary():
+        directory = os.path.join(str(manager.directory), str(step), METRICS_ITEM)
+        os.makedirs(directory, exist_ok=True)
+        path = os.path.join(directory, METRICS_ITEM)
+        with open(path + ".tmp", "w") as f:
+            json.dump(metrics, f)
+        os.replace(path + ".tmp", path)
+    distributed.barrier(f"metrics of step {step} written")
+    manager.reload()
+    if manager.metrics(step) != metrics:
+        raise RuntimeError(f"{manager.directory}/{step}: the metrics just written do not read "
+                           "back; this Orbax keeps them elsewhere.")
+
+
+def _read_position(path: str) -> dict:
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, json.JSONDecodeError) as err:
+        raise ValueError(f"{path}: unreadable data-iterator position ({err})") from err
+
+
 def restore(manager: ocp.CheckpointManager, step: int, abstract_state, data_iterator=None):
     """Restores the state into the shardings of `abstract_state`, and the iterator's
     position into `data_iterator` (unless None)."""
@@ -104,21 +140,14 @@ def saved_iterator_state(manager: ocp.CheckpointManager, step: int) -> dict:
     """
     directory = os.path.join(str(manager.directory), str(step), DATA_ITER_ITEM)
     own = os.path.join(directory, f"process_{jax.process_index()}-of-{jax.process_count()}.json")
+    if os.path.isfile(own):  # The usual case: same number of processes.
+        return _read_position(own)
     names = sorted(n for n in os.listdir(directory) if n.startswith("process_") and n.endswith(".json")) \
         if os.path.isdir(directory) else []
     if not names:
         raise FileNotFoundError(f"{directory} holds no data-iterator position "
                                 "(process_*-of-*.json); the checkpoint is incomplete.")
-    states = {}
-    for name in names:
-        path = os.path.join(directory, name)
-        try:
-            with open(path) as f:
-                states[name] = json.load(f)
-        except (OSError, json.JSONDecodeError) as err:
-            raise ValueError(f"{path}: unreadable data-iterator position ({err})") from err
-    if os.path.basename(own) in states:
-        return states[os.path.basename(own)]
+    states = {name: _read_position(os.path.join(directory, name)) for name in names}
     first = next(iter(states.values()))
     differing = [name for name, state in states.items() if state != first]
     if differing:

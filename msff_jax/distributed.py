@@ -71,6 +71,14 @@ def is_primary() -> bool:
     return jax.process_index() == 0
 
 
+def barrier(name: str) -> None:
+    """Waits until every process reaches the barrier of this name (a collective)."""
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(name)
+
+
 def any_process(flag: bool) -> bool:
     """True on every process when `flag` is True on any (a collective: call it everywhere
     at the same step)."""

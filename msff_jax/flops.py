@@ -23,6 +23,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import jax
+from absl import logging
 
 
 def _first_analysis(analysis: Any) -> Mapping[str, float] | None:
@@ -55,6 +56,8 @@ def counted_on_cpu(fn: Any, *args: Any) -> float | None:
     abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), args)
     try:
         lowered = jax.jit(fn).trace(*abstract).lower(lowering_platforms=("cpu",))
-    except Exception:  # Older JAX without trace()/lowering_platforms.
+    except Exception as err:  # Older JAX without trace()/lowering_platforms, or an op
+        # without a CPU lowering: say why, so an undercounting fallback is not silent.
+        logging.warning("FLOPs not counted on a CPU lowering: %s: %s", type(err).__name__, err)
         return None
     return analysed_flops(lowered)

@@ -285,6 +285,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
         latest_results = run_evaluation(config, eval_step, state.eval_variables(), mesh,
                                         split=config.eval_split, step=step, class_names=class_names)
         publish_evaluation(latest_results, writer, workdir, report_name=None)
+        checkpointing.add_metrics(manager, step, {checkpointing.BEST_METRIC: latest_results["macro_f1"]})
 
     # ---------------------------------------------------------------- periodic actions
     hooks = []
@@ -361,7 +362,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
     final_split = config.get("test_split") or config.eval_split
     if final_split not in manifest["splits"]:
         final_split = config.eval_split
-    best = _best_step(manager, latest_results, step)
+    best = manager.best_step()
     variables, report_step = state.eval_variables(), step
     if best is not None and best != step:
         variables = checkpointing.restore(manager, best, abstract_state).eval_variables()
@@ -377,17 +378,6 @@ def train_and_evaluate(config, workdir: str) -> dict:
     train_iter.close()
     return results
 
-
-def _best_step(manager, latest_results: dict | None, step: int) -> int | None:
-    """The step with the best validation macro-F1: among the checkpoints saved with it,
-    and the final step when it was evaluated only after its save (see the resume)."""
-    best = manager.best_step()
-    if latest_results is None or latest_results["step"] != step or manager.metrics(step) is not None:
-        return best
-    best_metrics = manager.metrics(best) if best is not None else None
-    if best_metrics is None or latest_results["macro_f1"] > best_metrics[checkpointing.BEST_METRIC]:
-        return step
-    return best
 
 
 def evaluate_checkpoint(config, workdir: str, *, which: str = "best", split: str | None = None) -> dict:

@@ -7,6 +7,9 @@ set before JAX is first imported, which is why it lives here.
 import os
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+# The tests are written for the CPU (simulated devices, float tolerances); on a GPU host
+# they still run there unless JAX_PLATFORMS says otherwise.
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 # PyTorch (for the torchvision equivalence and peer-benchmark tests) must be loaded

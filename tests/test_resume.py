@@ -165,7 +165,8 @@ def test_interrupted_run_resumes_bitwise(setup, sig):
 
 def test_step_saved_unevaluated_is_evaluated_on_resume(setup):
     """A preemption on an evaluation step saves that step unevaluated. The rerun
-    evaluates it before training on, so the validation record has no gap."""
+    evaluates it before training on and records the metric in that checkpoint, so the
+    validation record has no gap and the step competes for the best checkpoint."""
     workdir = str(setup["root"] / "unevaluated")
     # No evaluation before the end, so the preemption checkpoint has no metrics...
     returncode, log = run_and_signal(setup["config"], workdir, setup["env"], signal.SIGTERM, 4,
@@ -178,6 +179,30 @@ def test_step_saved_unevaluated_is_evaluated_on_resume(setup):
     assert f"step {stopped} was saved without its evaluation (preempted); evaluating it now" in log
     assert re.search(rf"\] \[{stopped}\] val/macro_f1=", log), log[-3000:]
     assert final_params(setup["config"], workdir)[1] == NUM_STEPS
+
+
+def test_metrics_added_to_a_saved_step_compete_for_the_best(tmp_path):
+    import ml_collections
+
+    class Position:
+        def get_state(self):
+            return {"next_batch": 0}
+
+    config = ml_collections.ConfigDict({"checkpoint": {"every_steps": 1, "keep": 1, "asynchronous": False}})
+    manager = checkpointing.make_manager(str(tmp_path), config)
+    state = {"w": np.zeros(3, np.float32)}
+    best = checkpointing.BEST_METRIC
+    checkpointing.save(manager, 4, state, Position(), metrics={best: 0.5}, force=True)
+    checkpointing.save(manager, 5, state, Position(), force=True)  # Preempted unevaluated.
+    assert manager.best_step() == 4 and manager.metrics(5) is None
+    checkpointing.add_metrics(manager, 5, {best: 0.9})
+    assert manager.best_step() == 5
+    reopened = checkpointing.make_manager(str(tmp_path), config, read_only=True)
+    assert reopened.best_step() == 5 and reopened.metrics(5) == {best: 0.9}
+    # Kept as the best when later saves rotate the latest ones out.
+    checkpointing.save(manager, 6, state, Position(), force=True)
+    checkpointing.save(manager, 7, state, Position(), force=True)
+    assert 5 in manager.all_steps() and 4 not in manager.all_steps()
 
 
 def test_uncommitted_checkpoint_is_never_restored(setup, tmp_path):
