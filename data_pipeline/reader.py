@@ -201,9 +201,10 @@ def _worker_ignores_sigterm(worker_index: int, worker_count: int) -> None:
     A scheduler's preemption signal often reaches the whole process group (SLURM,
     `kill -TERM -PGID`, container stops). A worker killed by it makes the trainer's next
     `next()` raise before the trainer has saved its preemption checkpoint; ignoring it
-    here lets the trainer save and then shut its workers down itself. (A signal in the
-    second or so between a worker's start and this call still ends it, and the run with
-    it: that is only at start-up or a restore, before any new step to lose.)
+    here lets the trainer save and then shut its workers down itself. A signal in the
+    second or so between a worker's start and this call still ends that worker, and the
+    run with it: at start-up, after a restore, or while an evaluation starts its own
+    workers. The run then resumes from its last checkpoint.
     """
     del worker_index, worker_count
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
