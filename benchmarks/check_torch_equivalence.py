@@ -7,7 +7,7 @@ of them would go unnoticed), save the state dict to `.safetensors`, convert it w
 float32 batch and compare logits. Exits non-zero when any model differs by more than
 the tolerance.
 
-    python benchmarks/check_torch_equivalence.py --image_sizes 224 64
+    python -m benchmarks.check_torch_equivalence --image_sizes 224 64
 
 This is the check behind the claim that the baselines are torchvision's architectures;
 `tests/test_torch_weights.py` repeats it at 64 px in CI.
@@ -22,17 +22,15 @@ import time
 from pathlib import Path
 from typing import Dict, Optional, Sequence
 
-if __package__ in (None, ""):
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import jax  # noqa: E402
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-import torchvision  # noqa: E402
-from safetensors.torch import save_file  # noqa: E402
+import jax
+import numpy as np
+import torch
+import torchvision
+from safetensors.torch import save_file
 
-from msff_jax.models import get_model  # noqa: E402
-from msff_jax.models.torch_weights import load_pretrained  # noqa: E402
+from msff_jax.models import get_model
+from msff_jax.models.torch_weights import load_pretrained
 
 TORCHVISION_BUILDERS = {
     "resnet50": torchvision.models.resnet50,

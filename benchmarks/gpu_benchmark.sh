@@ -8,7 +8,7 @@
 #   setup   wheels from .whl/ (offline hosts) installed if grain/ml_collections/clu are missing;
 #           versions, nvidia-smi; XLA_FLAGS probed before use.
 #   data    a synthetic DeepFashion of 300-px JPEGs converted to TFRecord shards
-#           (data_pipeline.synthetic + data_pipeline.deepfashion; no TensorFlow).
+#           (data_pipeline.conversion.synthetic + data_pipeline.conversion.deepfashion; no TensorFlow).
 #   jax     launch.py --mode benchmark: resnet50, msff_ecomnet, mobilenet_v3_large,
 #           efficientnet_b0 at 224 px, bf16, batch 256, synthetic on-device batches;
 #           then msff_ecomnet's compiled step fed from the shards (end-to-end).
@@ -155,9 +155,9 @@ fi
 # ------------------------------------------------------------------------ data
 DATA_DIR="$SCRATCH/shards"
 export PY SCRATCH DATA_DIR DATA_IMAGES DATA_PIXELS
-MAKE_SHARDS='"$PY" -m data_pipeline.synthetic --output_dir "$SCRATCH/deepfashion" \
+MAKE_SHARDS='"$PY" -m data_pipeline.conversion.synthetic --output_dir "$SCRATCH/deepfashion" \
     --num_images "$DATA_IMAGES" --image_size "$DATA_PIXELS" &&
-  "$PY" -m data_pipeline.deepfashion --deepfashion_dir "$SCRATCH/deepfashion" \
+  "$PY" -m data_pipeline.conversion.deepfashion --deepfashion_dir "$SCRATCH/deepfashion" \
     --output_dir "$DATA_DIR" --max_images 0 --split 8:1:1 2>"$SCRATCH/convert.err" ||
   { tail -n 20 "$SCRATCH/convert.err"; exit 1; }'
 E2E=(--config.benchmark.end_to_end=False)
@@ -180,12 +180,12 @@ cp "$JAX_DIR/benchmark.json" "$RESULTS/jax_benchmark.json" 2>/dev/null
 TORCH_CSV="$RESULTS/torch_peers.csv"
 rm -f "$TORCH_CSV"
 if have torch torchvision; then
-  phase torch_compiled 150 "$PY" benchmarks/torch_peers.py --compile on \
+  phase torch_compiled 150 "$PY" -m benchmarks.torch_peers --compile on \
     --models "${TORCH_FIRST[@]}" "${TORCH_COMMON[@]}" --csv "$TORCH_CSV"
-  phase torch_eager 90 "$PY" benchmarks/torch_peers.py --compile off \
+  phase torch_eager 90 "$PY" -m benchmarks.torch_peers --compile off \
     --models "${TORCH_EAGER[@]}" "${TORCH_COMMON[@]}" --csv "$TORCH_CSV"
   if ((${#TORCH_LATER[@]})); then
-    phase torch_compiled_rest 150 "$PY" benchmarks/torch_peers.py --compile on \
+    phase torch_compiled_rest 150 "$PY" -m benchmarks.torch_peers --compile on \
       --models "${TORCH_LATER[@]}" "${TORCH_COMMON[@]}" --csv "$TORCH_CSV"
   fi
 else
@@ -212,7 +212,7 @@ fi
 # ----------------------------------------------------------------------- table
 echo "=== total $(elapsed)s; results in $RESULTS"
 echo
-"$PY" benchmarks/plot_results.py "$JAX_DIR/benchmark.csv" "$TORCH_CSV" ${VARIANT_CSV:+"$VARIANT_CSV"} \
+"$PY" -m benchmarks.plot_results "$JAX_DIR/benchmark.csv" "$TORCH_CSV" ${VARIANT_CSV:+"$VARIANT_CSV"} \
   --out_dir "$RESULTS"
 status=$?
 rm -rf "$SCRATCH"

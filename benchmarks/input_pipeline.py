@@ -5,9 +5,9 @@ JPEG inside a random Inception-style crop window (area 8-100 %, aspect 3/4-4/3),
 it to `image_size` (bilinear), flip at random, and deliver host numpy batches of uint8
 images and int32 labels.
 
-- grain_cv2 / grain_pil: `data_pipeline.reader.make_train_iterator` (global shuffle,
+- grain_cv2 / grain_pil: `data_pipeline.records.reader.make_train_iterator` (global shuffle,
   CRC checks, reduced-size JPEG decode) with `--cores` worker processes, doing the
-  pixel work with OpenCV or with Pillow (`data_pipeline.transforms`).
+  pixel work with OpenCV or with Pillow (`data_pipeline.records.transforms`).
 - tf.data: `TFRecordDataset` -> `parse_single_example` -> `sample_distorted_bounding_box`
   -> `decode_and_crop_jpeg` -> `resize` -> `random_flip_left_right` -> `batch`, every
   stage `AUTOTUNE`, on a private thread pool of `--cores` threads.
@@ -18,8 +18,8 @@ times `--num_images` images and reports, besides images/s, images per CPU-second
 (user+system time of the process and its workers): on a machine shared with other
 work that rate is the fairer "per core" figure, since wall time then includes waiting.
 
-    python benchmarks/input_pipeline.py --cores 2 --num_images 2000
-    python benchmarks/input_pipeline.py --data_dir SHARDS --cores 16 --num_images 50000
+    python -m benchmarks.input_pipeline --cores 2 --num_images 2000
+    python -m benchmarks.input_pipeline --data_dir SHARDS --cores 16 --num_images 50000
 
 Without `--data_dir` it first writes a synthetic DeepFashion miniature (300-px JPEGs)
 and converts it with the project's converter into `--cache_dir`.
@@ -36,8 +36,6 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-if __name__ == "__main__":
-    sys.path.insert(0, str(REPO))
 
 PIPELINES = ("grain_cv2", "grain_pil", "tfdata")
 
@@ -75,7 +73,7 @@ def _tree_cpu_seconds(root_pid: int) -> tuple[float, float]:
 
 
 def _grain_batches(args, files_unused):
-    from data_pipeline import reader
+    from data_pipeline.records import reader
 
     iterator = reader.make_train_iterator(
         args.data_dir, image_backend=args.run_one.split("_")[1], split=args.split, global_batch_size=args.batch_size, image_size=args.image_size,
@@ -130,7 +128,7 @@ def _tfdata_batches(args, files):
 def _run_one(args) -> dict:
     """Runs in the child process: build, warm up, time, print one JSON line."""
     os.sched_setaffinity(0, sorted(os.sched_getaffinity(0))[: args.cores])
-    from data_pipeline.manifest import load_manifest, shard_paths
+    from data_pipeline.records.manifest import load_manifest, shard_paths
 
     files = shard_paths(args.data_dir, load_manifest(args.data_dir), args.split)
     build = _tfdata_batches if args.run_one == "tfdata" else _grain_batches
@@ -163,7 +161,8 @@ def _ensure_data(args) -> str:
     out = Path(args.cache_dir)
     if (out / "shards" / "manifest.json").exists():
         return str(out / "shards")
-    from data_pipeline import deepfashion, synthetic
+    from data_pipeline.conversion import deepfashion
+    from data_pipeline.conversion import synthetic
 
     print(f"writing {args.synthetic_images} synthetic 300-px images and shards under {out} ...", file=sys.stderr)
     if not (out / "deepfashion").exists():

@@ -14,10 +14,8 @@ import argparse
 import sys
 from pathlib import Path
 
-if __package__ in (None, ""):
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from msff_jax.benchmarking import outputs  # noqa: E402
+from msff_jax.analysis.benchmark import outputs
 
 
 def main(argv=None) -> int:

@@ -9,8 +9,8 @@ option from `msff_jax.models` that keeps the function and the parameters
 the select-and-scatter experiment also record a profiler trace, summarised per kernel
 kind (`kernel_profile.md`).
 
-    python benchmarks/speed_experiments.py --out_dir runs/speed             # one GPU
-    python benchmarks/speed_experiments.py --tiny --out_dir /tmp/speed      # CPU check
+    python -m benchmarks.speed_experiments --out_dir runs/speed             # one GPU
+    python -m benchmarks.speed_experiments --tiny --out_dir /tmp/speed      # CPU check
 
 Experiments run in the order listed (most informative first) until `--budget_s` is
 spent; each gets at most `--experiment_limit_s`. The table printed last gives each
@@ -38,9 +38,8 @@ from pathlib import Path
 from typing import Any, Optional
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
 
-from msff_jax.benchmarking import outputs  # noqa: E402
+from msff_jax.analysis.benchmark import outputs
 
 # XLA's default already records fusions and cuBLAS calls into CUDA graphs (command
 # buffers); adding cuDNN's convolutions is the candidate, turning them all off the

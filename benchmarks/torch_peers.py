@@ -19,7 +19,7 @@ its measurement columns left empty; the others still run.
 torch is not a dependency of the `msff_jax` package: install it with
 `pip install -r requirements-torch.txt`.
 
-    python benchmarks/torch_peers.py --batch_size 256 --compile both --csv bench.csv
+    python -m benchmarks.torch_peers --batch_size 256 --compile both --csv bench.csv
 """
 
 from __future__ import annotations
@@ -38,14 +38,11 @@ import torch
 import torch.nn as nn
 import torchvision
 
-if __package__ in (None, ""):
-    # Run as a script: make the repository (msff_jax, benchmarks) importable.
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks import msff_torch  # noqa: E402
-from msff_jax.benchmarking.device_peaks import peak_flops_per_second  # noqa: E402
+from benchmarks import msff_torch
+from msff_jax.analysis.benchmark.device_peaks import peak_flops_per_second
 # One column list for both frameworks' rows, so one table compares them.
-from msff_jax.benchmarking.outputs import CSV_COLUMNS  # noqa: E402
+from msff_jax.analysis.benchmark.outputs import CSV_COLUMNS
 
 
 MODEL_BUILDERS: Dict[str, Callable[[int], nn.Module]] = {

@@ -53,7 +53,7 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
     bench.end_to_end_warmup_steps = 30
     # Steps of the train step to record with the JAX profiler after timing (0: none).
     # The trace lands in WORKDIR/profile/MODEL; its per-kernel summary in
-    # kernel_profile.md and benchmark.json (msff_jax.benchmarking.kernel_profile).
+    # kernel_profile.md and benchmark.json (msff_jax.analysis.benchmark.kernel_profile).
     bench.profile_steps = 0
     # Rows of benchmarks/torch_peers.py to merge into the table and plot ('' for none).
     bench.torch_csv = ""

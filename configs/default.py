@@ -40,7 +40,7 @@ def get_config(model: str | None = None) -> ml_collections.ConfigDict:
     # the torchvision baselines' pretrained weights expect exactly these.
     config.mean_rgb = (0.485 * 255, 0.456 * 255, 0.406 * 255)
     config.stddev_rgb = (0.229 * 255, 0.224 * 255, 0.225 * 255)
-    # Reader options, passed to data_pipeline.reader as keywords (eval takes the
+    # Reader options, passed to data_pipeline.records.reader as keywords (eval takes the
     # worker/thread/buffer, checksum and backend ones).
     config.data = ml_collections.ConfigDict()
     # Decoding worker processes per host; 0 decodes in the training process with

@@ -1,7 +1,7 @@
 """The real-data check: scikit-learn's 1,797 scanned 8x8 digits through the same shards,
 reader, train loop and evaluation as DeepFashion.
 
-    python -m data_pipeline.digits --output_dir data/digits   # or digits.write_digits_shards
+    python -m data_pipeline.conversion.digits --output_dir data/digits   # or digits.write_digits_shards
     python launch.py --config configs/digits.py --workdir runs/digits \
         --config.data_dir=data/digits
 

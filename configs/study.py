@@ -7,7 +7,7 @@ configs/MODEL.py (configs/default.py for msff_ecomnet), all of them configs/defa
 recipe with the model name changed, so every model trains with the same recipe.
 ',demo' takes configs/demo.py's shortened CPU recipe instead; its narrow MSFF widths are
 MSFF fields, so the baselines keep their default architecture. ',tiny' sets
-`model_overrides` to TINY_OVERRIDES[MODEL] (tests). `msff_jax.study` runs all seven.
+`model_overrides` to TINY_OVERRIDES[MODEL] (tests). `msff_jax.analysis.study` runs all seven.
 """
 
 import importlib

@@ -5,7 +5,9 @@ import collections
 import numpy as np
 import pytest
 
-from data_pipeline import annotations, selection, synthetic
+from data_pipeline.conversion import annotations
+from data_pipeline.conversion import selection
+from data_pipeline.conversion import synthetic
 
 CLOTH = "50\ncategory_name  category_type\n" + "".join(f"{n:<28}{t}\n" for n, t in synthetic.CATEGORIES)
 

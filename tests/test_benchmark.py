@@ -17,8 +17,8 @@ import jax
 import jax.numpy as jnp
 import pytest
 
-from msff_jax import flops
-from msff_jax.benchmarking import device_peaks, outputs, timing
+from msff_jax.analysis import flops
+from msff_jax.analysis.benchmark import device_peaks, outputs, timing
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -181,7 +181,7 @@ def test_input_bound_table_compares_shards_with_synthetic():
 # ------------------------------------------------------------ the benchmark mode
 def test_config_errors_stop_before_compiling(tmp_path):
     from configs import benchmark as benchmark_config
-    from msff_jax import benchmark
+    from msff_jax.analysis.benchmark import run as benchmark
 
     config = benchmark_config.get_config("cpu_tiny")
     config.benchmark.end_to_end = True
@@ -196,7 +196,7 @@ def test_config_errors_stop_before_compiling(tmp_path):
 
 def test_module_options_merge_tiny_preset_config_and_per_model_overrides():
     from configs import benchmark as benchmark_config
-    from msff_jax import benchmark
+    from msff_jax.analysis.benchmark import run as benchmark
     from msff_jax.models import TINY_OVERRIDES
 
     config = benchmark_config.get_config("cpu_tiny")
@@ -214,7 +214,8 @@ def test_module_options_merge_tiny_preset_config_and_per_model_overrides():
 @pytest.fixture(scope="module")
 def tiny_shards(tmp_path_factory):
     """A synthetic DeepFashion of small JPEGs, converted to shards by the real tools."""
-    from data_pipeline import deepfashion, synthetic
+    from data_pipeline.conversion import deepfashion
+    from data_pipeline.conversion import synthetic
 
     root = tmp_path_factory.mktemp("bench_data")
     synthetic.generate(root / "deepfashion", 120, seed=0, image_size=64)

@@ -9,7 +9,12 @@ import shutil
 import pytest
 from PIL import Image
 
-from data_pipeline import deepfashion, example_codec, selection, shard_writer, synthetic, tfrecord_format
+from data_pipeline.conversion import deepfashion
+from data_pipeline.records import example_codec
+from data_pipeline.conversion import selection
+from data_pipeline.conversion import shard_writer
+from data_pipeline.conversion import synthetic
+from data_pipeline.records import tfrecord_format
 
 FOUR = ["Dress", "Tee", "Blouse", "Shorts"]
 
@@ -207,7 +212,7 @@ def test_command_line_reports_errors_and_success(dataset, tmp_path, capsys):
 def test_tfds_builder_builds_the_same_selection(dataset, tmp_path):
     import tensorflow_datasets as tfds
 
-    from data_pipeline.deepfashion15 import Builder
+    from data_pipeline.conversion.deepfashion15 import Builder
 
     builder = Builder(config="balanced_all", data_dir=str(tmp_path / "tfds"))
     assert builder.info.features["label"].names == list(synthetic.DEFAULT_15)

@@ -6,8 +6,8 @@ import os
 import time
 
 from configs import digits as digits_config
-from data_pipeline import digits
-from msff_jax import train
+from data_pipeline.conversion import digits
+from msff_jax.train import loop as train
 
 
 def test_digits_reach_95_percent(tmp_path):

@@ -8,7 +8,9 @@ import pytest
 from PIL import Image
 from sklearn.datasets import load_digits
 
-from data_pipeline import digits, example_codec, tfrecord_format
+from data_pipeline.conversion import digits
+from data_pipeline.records import example_codec
+from data_pipeline.records import tfrecord_format
 
 
 @pytest.fixture(scope="module")

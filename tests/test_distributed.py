@@ -17,8 +17,10 @@ import jax
 import numpy as np
 import pytest
 
-from data_pipeline import digits
-from msff_jax import checkpointing, distributed, train
+from data_pipeline.conversion import digits
+from msff_jax.train import checkpoints as checkpointing
+from msff_jax.train import distributed
+from msff_jax.train import loop as train
 from tests.test_resume import (REPO, final_params, launch_args, load_config, run_to_end,
                                subprocess_env, write_tiny_config)
 

@@ -11,10 +11,11 @@ import pytest
 from flax import linen as nn
 from sklearn import metrics as sk
 
-from data_pipeline import digits
-from msff_jax import evaluation, train
-from msff_jax import mesh as mesh_lib
-from msff_jax import steps
+from data_pipeline.conversion import digits
+from msff_jax.train import evaluation
+from msff_jax.train import loop as train
+from msff_jax.train import mesh as mesh_lib
+from msff_jax.train import steps
 
 
 def _random_eval(num_classes=7, n=203, seed=0):

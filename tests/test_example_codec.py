@@ -6,7 +6,8 @@ import os
 import pytest
 import tensorflow as tf
 
-from data_pipeline import example_codec, tfrecord_format
+from data_pipeline.records import example_codec
+from data_pipeline.records import tfrecord_format
 
 FIELDS = dict(
     image_bytes=b"\xff\xd8\xff\xe0 not really a jpeg \x00\x01" * 50,

@@ -10,8 +10,8 @@ import jax
 import numpy as np
 import pytest
 
-from msff_jax import export
-from msff_jax.preprocessing import normalize_images
+from msff_jax.inference import export
+from msff_jax.inference.preprocessing import normalize_images
 from tiny_export import IMAGE_SIZE, MEAN_RGB, STDDEV_RGB, write_tiny_export
 
 CLASS_NAMES = ["Dress", "Tee", "Blouse", "Shorts"]

@@ -9,9 +9,10 @@ import jax
 import pytest
 
 from configs import default
-from data_pipeline import digits
-from msff_jax import steps, train
-from msff_jax import train_state as train_state_lib
+from data_pipeline.conversion import digits
+from msff_jax.train import steps
+from msff_jax.train import loop as train
+from msff_jax.train import state as train_state_lib
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

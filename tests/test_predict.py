@@ -12,9 +12,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from data_pipeline.transforms import decode_resize_center_crop
-from msff_jax import explain, predict
-from msff_jax.preprocessing import normalize_images
+from data_pipeline.records.transforms import decode_resize_center_crop
+from msff_jax.inference import explain
+from msff_jax.inference import predict
+from msff_jax.inference.preprocessing import normalize_images
 from msff_jax.models import TINY_OVERRIDES
 from tiny_export import IMAGE_SIZE, MEAN_RGB, STDDEV_RGB, write_tiny_export
 

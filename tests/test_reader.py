@@ -10,7 +10,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from data_pipeline import example_codec, manifest, reader, tfrecord_format
+from data_pipeline.records import example_codec
+from data_pipeline.records import manifest
+from data_pipeline.records import reader
+from data_pipeline.records import tfrecord_format
 
 NUM_EXAMPLES = 30
 NUM_CLASSES = 3
@@ -158,7 +161,7 @@ def test_worker_processes_give_the_same_batches_and_exact_restore(data_dir):
 
 SIGTERM_TO_THE_GROUP = """
 import os, signal, sys
-from data_pipeline import reader
+from data_pipeline.records import reader
 
 
 def main(data_dir):
@@ -328,14 +331,14 @@ def test_global_batch_must_divide_over_processes(data_dir):
 def batch_sharding():
     import jax
 
-    from data_pipeline import device_feed
+    from data_pipeline.records import device_feed
 
     assert jax.device_count() == 8, "tests/conftest.py simulates 8 CPU devices"
     return device_feed.batch_sharding(jax.make_mesh((8,), ("data",)))
 
 
 def test_global_batch_is_split_over_eight_devices_on_the_batch_axis(batch_sharding):
-    from data_pipeline import device_feed
+    from data_pipeline.records import device_feed
 
     local = {"image": np.arange(16 * 2 * 2 * 3, dtype=np.uint8).reshape(16, 2, 2, 3),
              "label": np.arange(16, dtype=np.int32)}
@@ -348,7 +351,7 @@ def test_global_batch_is_split_over_eight_devices_on_the_batch_axis(batch_shardi
 
 
 def test_prefetch_state_is_the_last_batch_consumed_not_prefetched(data_dir, batch_sharding):
-    from data_pipeline import device_feed
+    from data_pipeline.records import device_feed
 
     fed = device_feed.prefetch_to_mesh(_train(data_dir, global_batch_size=8), batch_sharding, size=3)
     _take(fed, 2)

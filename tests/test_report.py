@@ -7,7 +7,8 @@ import json
 import pytest
 from PIL import Image
 
-from msff_jax import paper_tables, report
+from msff_jax.analysis import paper_tables
+from msff_jax.analysis import report
 
 # torchvision's ResNet-50 has 25,557,032 parameters with a 1000-class head; a 15-class
 # head drops 2048 * 985 weights and 985 biases.
@@ -126,7 +127,7 @@ def test_comparison_table(written):
 
 
 def test_default_csv_is_the_benchmark_modes_file():
-    from msff_jax import benchmark
+    from msff_jax.analysis.benchmark import run as benchmark
 
     assert report.DEFAULT_BENCHMARK_CSV.name == benchmark.CSV_NAME
 

@@ -17,8 +17,8 @@ import jax
 import numpy as np
 import pytest
 
-from data_pipeline import digits
-from msff_jax import checkpointing
+from data_pipeline.conversion import digits
+from msff_jax.train import checkpoints as checkpointing
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NUM_STEPS = 12

@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 import pytest
 
-from msff_jax.benchmarking import kernel_profile, outputs
+from msff_jax.analysis.benchmark import kernel_profile, outputs
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -132,7 +132,7 @@ def test_a_real_cpu_trace_is_summarised_from_host_events(tmp_path):
 def tiny_experiments(tmp_path_factory):
     out = tmp_path_factory.mktemp("speed")
     command = [
-        sys.executable, "benchmarks/speed_experiments.py", "--tiny", "--out_dir", str(out),
+        sys.executable, "-m", "benchmarks.speed_experiments", "--tiny", "--out_dir", str(out),
         "--experiments", "msff_baseline", "msff_scatter_pool", "msff_cudnn_command_buffers",
         "--warmup_steps", "1", "--timed_steps", "2", "--repeats", "2", "--profile_steps", "2",
     ]
@@ -163,11 +163,7 @@ def test_tiny_experiments_measure_each_option_against_its_baseline(tiny_experime
 
 
 def test_failed_experiment_is_reported_not_fatal(tmp_path):
-    sys.path.insert(0, str(REPO / "benchmarks"))
-    try:
-        import speed_experiments
-    finally:
-        sys.path.remove(str(REPO / "benchmarks"))
+    from benchmarks import speed_experiments
     outcome = {
         "experiment": speed_experiments.BY_NAME["msff_scatter_pool"],
         "row": None,
@@ -185,11 +181,7 @@ def test_an_experiment_whose_run_fails_gets_its_error_in_the_table(tmp_path):
     """A real failing run: launch.py refuses an override the model does not have."""
     import argparse
 
-    sys.path.insert(0, str(REPO / "benchmarks"))
-    try:
-        import speed_experiments
-    finally:
-        sys.path.remove(str(REPO / "benchmarks"))
+    from benchmarks import speed_experiments
     bad = speed_experiments.Experiment(
         "bad", "msff_ecomnet", "bad", {"no_such_option": 1}, what="an unknown override"
     )

@@ -15,7 +15,8 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from msff_jax import predict, study
+from msff_jax.inference import predict
+from msff_jax.analysis import study
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 # A few steps of the demo recipe on 32 px crops of tiny models.
@@ -27,7 +28,8 @@ TINY_RECIPE = ["--config.image_size=32", "--config.num_train_steps=3",
 @pytest.fixture(scope="module")
 def miniature(tmp_path_factory):
     """(raw DeepFashion-layout folder, shards) of ~240 small synthetic images."""
-    from data_pipeline import deepfashion, synthetic
+    from data_pipeline.conversion import deepfashion
+    from data_pipeline.conversion import synthetic
 
     root = tmp_path_factory.mktemp("miniature")
     synthetic.generate(root / "raw", 400, seed=0, image_size=48)

@@ -6,8 +6,8 @@ import ml_collections
 import pytest
 
 from msff_jax.models import TINY_OVERRIDES, get_model
-from msff_jax import flops
-from msff_jax.summary import forward_flops, print_summary, summarize
+from msff_jax.analysis import flops
+from msff_jax.analysis.summary import forward_flops, print_summary, summarize
 
 TORCHVISION_RESNET50_GMACS = 4.09
 

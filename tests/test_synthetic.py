@@ -7,7 +7,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from data_pipeline import annotations, selection, synthetic
+from data_pipeline.conversion import annotations
+from data_pipeline.conversion import selection
+from data_pipeline.conversion import synthetic
 
 
 @pytest.fixture(scope="module")

@@ -5,8 +5,8 @@ import pickle
 
 import pytest
 
-from data_pipeline import tfrecord_format
-from data_pipeline.tfrecord_source import RecordCountMismatchError, TFRecordSource
+from data_pipeline.records import tfrecord_format
+from data_pipeline.records.tfrecord_source import RecordCountMismatchError, TFRecordSource
 
 RECORDS = [[f"shard{s}-record{r}-".encode() * (r + 1) for r in range(n)] for s, n in enumerate((4, 1, 3))]
 

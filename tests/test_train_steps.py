@@ -5,9 +5,11 @@ import numpy as np
 import pytest
 
 from configs import default
-from msff_jax import mesh as mesh_lib
-from msff_jax import optimizers, steps, train
-from msff_jax import train_state as train_state_lib
+from msff_jax.train import mesh as mesh_lib
+from msff_jax.train import optimizers
+from msff_jax.train import steps
+from msff_jax.train import loop as train
+from msff_jax.train import state as train_state_lib
 from msff_jax.models import TINY_OVERRIDES
 
 BATCH, SIZE, CLASSES = 16, 32, 15

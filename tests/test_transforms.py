@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from data_pipeline import transforms
+from data_pipeline.records import transforms
 
 
 def _gradient(width, height):

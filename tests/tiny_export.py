@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from msff_jax import export
+from msff_jax.inference import export
 from msff_jax.models import TINY_OVERRIDES, get_model
 
 IMAGE_SIZE = 32

@@ -12,9 +12,11 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 from typing import Any, Callable, Dict, Mapping, Tuple
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 
 from msff_jax.models.efficientnet import EfficientNet
@@ -98,3 +100,8 @@ def get_model(name: str, num_classes: int, **overrides: Any) -> nn.Module:
         if key in overrides:
             overrides[key] = jnp.dtype(overrides[key])
     return preset(num_classes=num_classes, **overrides)
+
+
+def count_params(variables: Mapping[str, Any]) -> int:
+    """Number of trainable parameters in `variables['params']` (arrays or shapes)."""
+    return sum(math.prod(leaf.shape) for leaf in jax.tree.leaves(variables["params"]))

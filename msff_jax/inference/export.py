@@ -1,0 +1,332 @@
+"""`--mode export`: a trained workdir turned into a directory a user can ship.
+
+`WORKDIR/export/` holds three things:
+- `inference.jaxexport`: the serialised `jax.export` artifact of
+  `uint8 images (b, s, s, 3) -> (logits, probabilities)`, normalisation included, with the
+  variables closed over as constants and the batch size `b` symbolic. It runs from this
+  file alone (`jax.export.deserialize(...).call(images)`), without this project's model
+  code, on every platform listed in export.json (CPU and CUDA by default: JAX lowers for
+  a platform without needing its hardware).
+- `variables/`: an Orbax checkpoint of the inference variables only (`params`, the EMA
+  parameters when the run kept an EMA, and `batch_stats`), for users who do have the
+  model code (fine-tuning, `predict --explain`).
+- `export.json`: the model name and overrides, the class names, the preprocessing the
+  artifact expects (resize the short side to `image_size / crop_fraction`, centre-crop
+  `image_size`; the same eval transform as `data_pipeline.records.transforms`), the step and the
+  format version.
+
+`load_export` reads the directory back and checks the three parts against each other, so
+a directory with a file missing or a JSON that disagrees with the artifact or the
+checkpoint (class count, image size) fails with an error that names the file.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Callable, Optional, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+EXPORT_DIRNAME = "export"
+METADATA_FILE = "export.json"
+ARTIFACT_FILE = "inference.jaxexport"
+VARIABLES_DIR = "variables"
+FORMAT_VERSION = 1
+DEFAULT_PLATFORMS = ("cpu", "cuda")
+_REQUIRED_KEYS = ("format_version", "model", "model_overrides", "num_classes", "class_names",
+                  "dtype", "preprocessing", "artifact", "variables")
+_REQUIRED_PREPROCESSING = ("image_size", "crop_fraction", "mean_rgb", "stddev_rgb")
+
+
+class ExportError(ValueError):
+    """An export directory that cannot be used as it is; the message names the file."""
+
+
+# ----------------------------------------------------------------------------- writing
+
+
+def make_inference_fn(model, variables, mean_rgb: Sequence[float],
+                      stddev_rgb: Sequence[float], dtype) -> Callable:
+    """uint8 NHWC images -> (float32 logits, float32 probabilities), variables closed
+    over so they become constants of the exported program."""
+    from msff_jax.inference.preprocessing import normalize_images
+
+    def infer(images_uint8):
+        images = normalize_images(images_uint8, mean_rgb, stddev_rgb, dtype)
+        logits = model.apply(variables, images, train=False).astype(jnp.float32)
+        return logits, jax.nn.softmax(logits, axis=-1)
+
+    return infer
+
+
+def export_inference(infer: Callable, image_size: int,
+                     platforms: Sequence[str] = DEFAULT_PLATFORMS) -> jax.export.Exported:
+    """Traces `infer` once for any batch size (symbolic dimension 'b')."""
+    (batch,) = jax.export.symbolic_shape("b")
+    images = jax.ShapeDtypeStruct((batch, image_size, image_size, 3), jnp.uint8)
+    return jax.export.export(jax.jit(infer), platforms=tuple(platforms))(images)
+
+
+def save_variables(path: Path, variables: dict) -> None:
+    """Orbax checkpoint of host copies (numpy) of the inference variables."""
+    import orbax.checkpoint as ocp
+
+    checkpointer = ocp.StandardCheckpointer()
+    checkpointer.save(path.absolute(), jax.device_get(variables), force=True)
+    checkpointer.wait_until_finished()
+
+
+def write_export(out_dir: Path, *, model, variables: dict, metadata: dict,
+                 platforms: Sequence[str] = DEFAULT_PLATFORMS) -> Path:
+    """Writes the artifact, the variables and export.json into `out_dir`.
+
+    `metadata` holds the model/class/preprocessing fields of export.json (see
+    `build_metadata`); the artifact and variables fields are added here.
+    """
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    variables = {k: variables[k] for k in ("params", "batch_stats") if k in variables}
+    variables = jax.device_get(variables)
+    prep = metadata["preprocessing"]
+    infer = make_inference_fn(model, variables, prep["mean_rgb"], prep["stddev_rgb"],
+                              jnp.dtype(metadata["dtype"]))
+    exported = export_inference(infer, prep["image_size"], platforms)
+    (out_dir / ARTIFACT_FILE).write_bytes(exported.serialize())
+    save_variables(out_dir / VARIABLES_DIR, variables)
+
+    metadata = dict(metadata)
+    metadata["artifact"] = {
+        "file": ARTIFACT_FILE,
+        "platforms": list(exported.platforms),
+        "input": "uint8 (batch, image_size, image_size, 3), RGB, NHWC; batch is symbolic",
+        "outputs": ["logits", "probabilities"],
+        "jax_version": jax.__version__,
+    }
+    metadata["variables"] = {
+        "dir": VARIABLES_DIR,
+        "collections": sorted(variables),
+        "param_count": int(sum(np.size(x) for x in jax.tree.leaves(variables["params"]))),
+    }
+    (out_dir / METADATA_FILE).write_text(json.dumps(metadata, indent=2) + "\n")
+    return out_dir
+
+
+def build_metadata(*, model_name: str, model_overrides: dict, num_classes: int,
+                   class_names: Sequence[str], dtype: str, image_size: int,
+                   crop_fraction: float, mean_rgb: Sequence[float],
+                   stddev_rgb: Sequence[float], step: Optional[int], ema: bool,
+                   class_names_source: str) -> dict:
+    if len(class_names) != num_classes:
+        raise ExportError(f"{len(class_names)} class names ({class_names_source}) for "
+                          f"num_classes={num_classes}")
+    return {
+        "format_version": FORMAT_VERSION,
+        "model": model_name,
+        "model_overrides": dict(model_overrides),
+        "num_classes": int(num_classes),
+        "class_names": list(class_names),
+        "class_names_source": class_names_source,
+        "dtype": str(jnp.dtype(dtype)),
+        "step": None if step is None else int(step),
+        "ema_parameters": bool(ema),
+        "preprocessing": {
+            "image_size": int(image_size),
+            "resize": "bilinear, short side to round(image_size / crop_fraction), "
+                      "then the centre image_size x image_size "
+                      "(data_pipeline.records.transforms.decode_resize_center_crop)",
+            "crop_fraction": float(crop_fraction),
+            "mean_rgb": [float(v) for v in mean_rgb],
+            "stddev_rgb": [float(v) for v in stddev_rgb],
+            "input_dtype": "uint8",
+            "layout": "NHWC",
+            "channel_order": "RGB",
+        },
+    }
+
+
+def find_class_names(config, workdir: Path) -> tuple[list[str], str]:
+    """The run's class names: eval_results.json of the workdir, else the data manifest,
+    else placeholders `class_<i>` (logged; export.json records which)."""
+    results_path = workdir / "eval_results.json"
+    if results_path.exists():
+        names = json.loads(results_path.read_text()).get("class_names")
+        if names:
+            return list(names), str(results_path)
+    try:
+        from data_pipeline.records.manifest import load_manifest
+
+        return list(load_manifest(config.data_dir)["class_names"]), f"{config.data_dir}/manifest.json"
+    except (FileNotFoundError, ValueError, KeyError) as err:
+        logging.warning("export: no class names in %s or the data manifest (%s); using "
+                        "placeholders class_0..class_%d", results_path, err,
+                        config.num_classes - 1)
+        return [f"class_{i}" for i in range(config.num_classes)], "placeholder"
+
+
+def run(config, workdir: str, which: str = "best") -> Path:
+    """`launch.py --mode export`: WORKDIR's best checkpoint (`which='best'`, else the
+    latest; `--checkpoint latest` for the latest) -> WORKDIR/export/, lowered for
+    `config.export_platforms`. Set `--config.dtype=float32` for a float32 artifact (the run's
+    dtype is used by default, so logits match training-time evaluation)."""
+    from data_pipeline.records.transforms import EVAL_CROP_FRACTION
+    from msff_jax.train.checkpoints import restore_for_inference
+    from msff_jax.train.config_checks import plain
+    from msff_jax.train.state import build_model
+
+    if jax.process_count() > 1:
+        raise ExportError(
+            f"--mode export runs as one process, not {jax.process_count()}: every process would "
+            "write the same files. Run it once, without --coordinator_address or srun; it "
+            "reads the checkpoint onto this host's devices.")
+    workdir = Path(workdir)
+    variables, step = restore_for_inference(config, str(workdir), which=which)
+    class_names, names_source = find_class_names(config, workdir)
+    metadata = build_metadata(
+        model_name=config.model,
+        model_overrides=plain(config.model_overrides),
+        num_classes=config.num_classes,
+        class_names=class_names,
+        dtype=config.dtype,
+        image_size=config.image_size,
+        crop_fraction=EVAL_CROP_FRACTION,
+        mean_rgb=config.mean_rgb,
+        stddev_rgb=config.stddev_rgb,
+        step=step,
+        ema=config.get("ema_decay", 0.0) > 0,
+        class_names_source=names_source,
+    )
+    platforms = tuple(config.export_platforms)
+    out_dir = write_export(workdir / EXPORT_DIRNAME, model=build_model(config),
+                           variables=variables, metadata=metadata, platforms=platforms)
+    logging.info("exported step %s of %s to %s", step, config.model, out_dir)
+    print(f"exported {config.model} (step {step}, {len(class_names)} classes, "
+          f"{metadata['dtype']}) to {out_dir}")
+    for name in sorted(os.listdir(out_dir)):
+        print(f"  {out_dir / name}")
+    return out_dir
+
+
+# ----------------------------------------------------------------------------- reading
+
+
+@dataclasses.dataclass(frozen=True)
+class LoadedExport:
+    """An export directory, checked: metadata and the callable artifact."""
+
+    directory: Path
+    metadata: dict
+    exported: jax.export.Exported
+
+    @property
+    def class_names(self) -> list[str]:
+        return self.metadata["class_names"]
+
+    @property
+    def image_size(self) -> int:
+        return self.metadata["preprocessing"]["image_size"]
+
+    def __call__(self, images_uint8: np.ndarray) -> tuple[jax.Array, jax.Array]:
+        """(logits, probabilities) for a uint8 batch of any size."""
+        return self.exported.call(images_uint8)
+
+
+def load_metadata(export_dir: Path) -> dict:
+    export_dir = Path(export_dir)
+    if not export_dir.is_dir():
+        raise FileNotFoundError(f"export directory {export_dir} does not exist")
+    path = export_dir / METADATA_FILE
+    if not path.exists():
+        raise FileNotFoundError(f"{path} is missing: not an export directory "
+                                f"(write one with launch.py --mode export)")
+    try:
+        metadata = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise ExportError(f"{path}: not valid JSON ({err})") from err
+    missing = [key for key in _REQUIRED_KEYS if key not in metadata]
+    missing += [f"preprocessing.{key}" for key in _REQUIRED_PREPROCESSING
+                if key not in metadata.get("preprocessing", {})]
+    if missing:
+        raise ExportError(f"{path}: missing keys {missing}")
+    if metadata["format_version"] != FORMAT_VERSION:
+        raise ExportError(f"{path}: format_version {metadata['format_version']} is not "
+                          f"the supported {FORMAT_VERSION}")
+    if len(metadata["class_names"]) != metadata["num_classes"]:
+        raise ExportError(f"{path}: {len(metadata['class_names'])} class_names for "
+                          f"num_classes={metadata['num_classes']}")
+    return metadata
+
+
+def load_export(export_dir: Path) -> LoadedExport:
+    """Reads export.json and the artifact and checks they agree (class count, image
+    size, uint8 input). Needs no model code."""
+    export_dir = Path(export_dir)
+    metadata = load_metadata(export_dir)
+    path = export_dir / metadata["artifact"]["file"]
+    if not path.exists():
+        raise FileNotFoundError(f"{path} is missing (named by {export_dir / METADATA_FILE})")
+    try:
+        exported = jax.export.deserialize(bytearray(path.read_bytes()))
+    except Exception as err:  # flatbuffer / version errors have no common type
+        raise ExportError(f"{path}: cannot deserialise the jax.export artifact: {err}") from err
+
+    meta_path = export_dir / METADATA_FILE
+    size = metadata["preprocessing"]["image_size"]
+    (image_aval,) = exported.in_avals
+    if image_aval.dtype != np.uint8 or tuple(image_aval.shape[1:]) != (size, size, 3):
+        raise ExportError(f"{meta_path} says uint8 images of {size}x{size}x3 but {path} takes "
+                          f"{image_aval.dtype}{list(image_aval.shape)}")
+    logits_classes = exported.out_avals[0].shape[-1]
+    if logits_classes != metadata["num_classes"]:
+        raise ExportError(f"{meta_path} says num_classes={metadata['num_classes']} but {path} "
+                          f"outputs {logits_classes} logits")
+    return LoadedExport(export_dir, metadata, exported)
+
+
+def _shape_tree(tree) -> dict[str, tuple]:
+    return {jax.tree_util.keystr(path): tuple(leaf.shape)
+            for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+
+def load_model_and_variables(export_dir: Path, metadata: Optional[dict] = None):
+    """The flax model named in export.json and its Orbax variables, checked leaf by
+    leaf against the model's shapes (so a num_classes that disagrees with the
+    checkpoint is caught here, naming both). Needs this project's model code."""
+    import orbax.checkpoint as ocp
+
+    from msff_jax.models import get_model
+
+    export_dir = Path(export_dir)
+    metadata = metadata or load_metadata(export_dir)
+    meta_path = export_dir / METADATA_FILE
+    path = (export_dir / metadata["variables"]["dir"]).absolute()
+    if not path.is_dir():
+        raise FileNotFoundError(f"{path} is missing (named by {meta_path})")
+    overrides = dict(metadata["model_overrides"])
+    overrides.setdefault("dtype", jnp.dtype(metadata["dtype"]))
+    model = get_model(metadata["model"], metadata["num_classes"], **overrides)
+    size = metadata["preprocessing"]["image_size"]
+    expected = jax.eval_shape(
+        lambda x: model.init(jax.random.key(0), x, train=False),
+        jax.ShapeDtypeStruct((1, size, size, 3), jnp.float32))
+    expected = {k: expected[k] for k in ("params", "batch_stats") if k in expected}
+    checkpointer = ocp.StandardCheckpointer()
+    try:
+        stored = checkpointer.metadata(path).item_metadata.tree
+    except Exception as err:  # Orbax raises several types for unreadable checkpoints
+        raise ExportError(f"{path}: not a readable Orbax checkpoint: {err}") from err
+    want, have = _shape_tree(expected), _shape_tree(stored)
+    if want != have:
+        diffs = [f"{key}: {meta_path.name} implies {want.get(key)}, checkpoint has {have.get(key)}"
+                 for key in sorted(set(want) | set(have)) if want.get(key) != have.get(key)]
+        raise ExportError(
+            f"{path} does not match the model in {meta_path} ({metadata['model']}, "
+            f"num_classes={metadata['num_classes']}): {len(diffs)} leaves differ, e.g. "
+            + "; ".join(diffs[:3]))
+    variables = checkpointer.restore(path)
+    return model, variables

@@ -1,0 +1,233 @@
+"""Classify image files with an exported model.
+
+    python -m msff_jax.inference.predict --export_dir runs/msff_ecomnet/export photo.jpg shop/ \
+        [--top_k 5] [--json] [--batch_size 32] [--explain OUT_DIR]
+
+Inference runs the `jax.export` artifact alone (no model code); images go through the
+evaluation transform of `data_pipeline.records.transforms` (short side to
+`image_size / crop_fraction`, centre crop) with the parameters stored in export.json, so
+a prediction sees exactly what evaluation saw.
+
+Folders are searched recursively and every file in them is tried. A file that cannot be
+used (not an image, truncated, larger than `--max_image_pixels`: a decompression bomb,
+or a file over `--max_file_mb`) is named on stderr with the reason and skipped; the
+others still run, and a final count of skipped files follows.
+
+Exit status: 0 when every file was classified, 2 when some were skipped, 1 when nothing
+could be classified (bad export directory, empty folder, all files skipped).
+
+`--explain OUT_DIR` also writes one PNG per image with the IASM spatial attention of
+each stage (MSFF models with IASM) or Grad-CAM of the last stage (other models); this
+needs the model code and the export's Orbax variables (see `msff_jax.inference.explain`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import sys
+import warnings
+from pathlib import Path
+from typing import Iterable, Iterator, Optional, Sequence
+
+import numpy as np
+
+DEFAULT_MAX_FILE_MB = 256
+
+
+class InputError(ValueError):
+    """Command-line input that leaves nothing to do (missing path, empty folder)."""
+
+
+def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m msff_jax.inference.predict", description=__doc__.split("\n\n")[0])
+    parser.add_argument("inputs", nargs="+", metavar="IMAGE_OR_FOLDER")
+    parser.add_argument("--export_dir", required=True, help="WORKDIR/export of a trained run")
+    parser.add_argument("--top_k", type=int, default=5)
+    parser.add_argument("--json", action="store_true", help="one JSON object per line")
+    parser.add_argument("--batch_size", type=int, default=32)
+    parser.add_argument("--explain", metavar="OUT_DIR", default=None,
+                        help="write attention / Grad-CAM overlays here")
+    parser.add_argument("--max_image_pixels", type=int, default=None,
+                        help="refuse images with more pixels (default: PIL's limit, ~89 M)")
+    parser.add_argument("--max_file_mb", type=float, default=DEFAULT_MAX_FILE_MB)
+    args = parser.parse_args(argv)
+    if args.top_k < 1 or args.batch_size < 1:
+        parser.error("--top_k and --batch_size must be positive")
+    return args
+
+
+def collect_files(inputs: Iterable[str]) -> list[Path]:
+    """Files named directly, and every file under named folders (sorted, recursive,
+    hidden files skipped)."""
+    files: list[Path] = []
+    for name in inputs:
+        path = Path(name)
+        if path.is_dir():
+            found = sorted(p for p in path.rglob("*")
+                           if p.is_file() and not any(part.startswith(".")
+                                                      for part in p.relative_to(path).parts))
+            if not found:
+                raise InputError(f"folder {path} contains no files")
+            files += found
+        elif path.is_file():
+            files.append(path)
+        else:
+            raise InputError(f"{path}: no such file or folder")
+    return files
+
+
+def _decode_errors() -> tuple[type[BaseException], ...]:
+    """What a corrupt file can raise inside the eval transform (OpenCV has its own type)."""
+    try:
+        import cv2
+    except ImportError:
+        return (ValueError, OSError, SyntaxError)
+    return (ValueError, OSError, SyntaxError, cv2.error)
+
+
+def check_header(data: bytes) -> tuple[int, int]:
+    """(width, height) from the header alone, refusing non-images and decompression
+    bombs before any pixel is decoded: PIL's MAX_IMAGE_PIXELS check runs on open, and
+    its warning (between the limit and twice it) is turned into an error here."""
+    from PIL import Image
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        try:
+            with Image.open(io.BytesIO(data)) as image:
+                return image.size
+        except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
+            raise ValueError(f"decompression bomb refused: {err}") from err
+        except Image.UnidentifiedImageError as err:
+            raise ValueError("cannot decode image: not in any image format Pillow knows") from err
+        except Exception as err:  # UnidentifiedImageError, OSError, SyntaxError...
+            raise ValueError(f"cannot decode image: {err}") from err
+
+
+def load_image(path: Path, image_size: int, crop_fraction: float, max_file_bytes: float) -> np.ndarray:
+    """The eval transform of one file; ValueError with the reason when unusable."""
+    from data_pipeline.records.transforms import decode_resize_center_crop
+
+    size = path.stat().st_size
+    if size > max_file_bytes:
+        raise ValueError(f"file of {size / 2**20:.0f} MB exceeds --max_file_mb")
+    data = path.read_bytes()
+    check_header(data)
+    try:
+        return decode_resize_center_crop(data, image_size, crop_fraction)
+    except _decode_errors() as err:
+        raise ValueError(f"cannot decode image: {err}") from err
+
+
+def top_predictions(probabilities: np.ndarray, class_names: Sequence[str], k: int) -> list[dict]:
+    order = np.argsort(-probabilities, kind="stable")[:k]
+    return [{"class": class_names[i], "index": int(i), "probability": float(probabilities[i])}
+            for i in order]
+
+
+def format_text(path: Path, predictions: list[dict]) -> str:
+    width = max(len(p["class"]) for p in predictions)
+    lines = [str(path)]
+    lines += [f"  {rank}. {p['class']:<{width}}  {100 * p['probability']:6.2f}%"
+              for rank, p in enumerate(predictions, start=1)]
+    return "\n".join(lines)
+
+
+def format_json(path: Path, predictions: list[dict]) -> str:
+    return json.dumps({"file": str(path), "predictions": predictions})
+
+
+def _batches(files: list[Path], batch_size: int) -> Iterator[list[Path]]:
+    for start in range(0, len(files), batch_size):
+        yield files[start:start + batch_size]
+
+
+def _unique_png(out_dir: Path, source: Path, used: set[str]) -> Path:
+    name, counter = f"{source.stem}.png", 1
+    while name in used:
+        name, counter = f"{source.stem}_{counter}.png", counter + 1
+    used.add(name)
+    return out_dir / name
+
+
+def predict(args: argparse.Namespace) -> int:
+    import jax
+    from PIL import Image
+    from tqdm import tqdm
+
+    from msff_jax.inference.export import load_export
+
+    exported = load_export(Path(args.export_dir))
+    files = collect_files(args.inputs)
+    if args.max_image_pixels is not None:
+        Image.MAX_IMAGE_PIXELS = args.max_image_pixels
+    prep = exported.metadata["preprocessing"]
+    names = exported.class_names
+    k = min(args.top_k, len(names))
+    # One padded batch shape for all batches: one compilation of the artifact.
+    batch_shape = min(args.batch_size, len(files))
+    infer = jax.jit(exported.__call__)
+    explainer, explain_dir, used_names = None, None, set()
+    if args.explain:
+        from msff_jax.inference.explain import explainer_from_export
+
+        explainer = explainer_from_export(Path(args.export_dir), exported.metadata)
+        explain_dir = Path(args.explain)
+        explain_dir.mkdir(parents=True, exist_ok=True)
+
+    skipped: list[tuple[Path, str]] = []
+    classified = 0
+    with tqdm(total=len(files), unit="img", file=sys.stderr, desc="predict") as progress:
+        for batch_files in _batches(files, args.batch_size):
+            images, good = [], []
+            for path in batch_files:
+                try:
+                    images.append(load_image(path, prep["image_size"], prep["crop_fraction"],
+                                             args.max_file_mb * 2**20))
+                    good.append(path)
+                except (ValueError, OSError) as err:  # load_image's reasons; OSError: unreadable
+                    skipped.append((path, str(err)))
+                    progress.write(f"skipped {path}: {err}", file=sys.stderr)
+            progress.update(len(batch_files))
+            if not images:
+                continue
+            batch = np.stack(images)
+            padded = np.concatenate(
+                [batch, np.zeros((batch_shape - len(batch),) + batch.shape[1:], np.uint8)])
+            _, probabilities = infer(padded)
+            probabilities = np.asarray(probabilities)[: len(batch)]
+            explanations = explainer.explain(padded)[: len(batch)] if explainer else []
+            for i, path in enumerate(good):
+                predictions = top_predictions(probabilities[i], names, k)
+                line = (format_json if args.json else format_text)(path, predictions)
+                progress.write(line, file=sys.stdout)
+                if explainer:
+                    from msff_jax.inference.explain import save_explanation
+
+                    explanation = explanations[i]
+                    caption = (f"{path.name}: {names[explanation.predicted_class]} "
+                               f"({100 * probabilities[i].max():.1f}%), {explanation.kind}")
+                    save_explanation(_unique_png(explain_dir, path, used_names), batch[i],
+                                     explanation, caption)
+            classified += len(good)
+    print(f"classified {classified} of {len(files)} files; skipped {len(skipped)}",
+          file=sys.stderr)
+    if classified == 0:
+        return 1
+    return 2 if skipped else 0
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = parse_args(argv)
+    try:
+        return predict(args)
+    except (InputError, FileNotFoundError, ValueError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,359 @@
+"""Training and evaluation: `train_and_evaluate(config, workdir)`.
+
+Reads top to bottom: checks, mesh, input, model and optimizer, state (restored or fresh),
+steps, checkpointing and preemption, the loop, the final evaluation. Every process runs
+the same code; only process 0 writes logs, summaries and reports.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+
+import jax
+import numpy as np
+from absl import logging
+from clu import metric_writers, periodic_actions
+
+from data_pipeline.records import device_feed
+from data_pipeline.records import reader
+from msff_jax.models import count_params
+from msff_jax.train import checkpoints as checkpointing
+from msff_jax.train import config_checks
+from msff_jax.train import distributed
+from msff_jax.train import evaluation
+from msff_jax.train import optimizers
+from msff_jax.train import steps
+from msff_jax.train import mesh as mesh_lib
+from msff_jax.train import state as train_state_lib
+
+# How often processes agree on a SIGTERM when there are several (a collective); a single
+# process checks its own flag every step for free.
+PREEMPTION_SYNC_EVERY_STEPS = 10
+
+
+# The training's final report, WORKDIR/eval_results.json: it marks a finished run.
+FINAL_REPORT = "eval_results"
+
+
+class NonFiniteLossError(FloatingPointError):
+    """Training produced a NaN or infinite loss; the message names the step."""
+
+
+# ------------------------------------------------------------------------------ input
+
+
+def _reader_options(config, *, train: bool) -> dict:
+    options = config.data.to_dict()
+    if not train:
+        options = {k: v for k, v in options.items()
+                   if k in ("worker_count", "read_threads", "prefetch_buffer", "verify_checksums",
+                            "image_backend")}
+    return options
+
+
+def make_train_input(config):
+    """The host-local train iterator (its state is what checkpoints record)."""
+    return reader.make_train_iterator(
+        config.data_dir, split=config.train_split, global_batch_size=config.batch_size,
+        image_size=config.image_size, seed=config.seed,
+        process_index=jax.process_index(), process_count=jax.process_count(),
+        **_reader_options(config, train=True))
+
+
+def global_eval_batches(config, split: str, mesh):
+    """Global eval batches; every example exactly once, padding masked."""
+    dataset = reader.make_eval_iterator(
+        config.data_dir, split=split, global_batch_size=config.eval_batch_size,
+        image_size=config.image_size, process_index=jax.process_index(),
+        process_count=jax.process_count(), **_reader_options(config, train=False))
+    sharding = mesh_lib.batch_sharding(mesh)
+    for local_batch in dataset:
+        yield device_feed.to_global_batch(local_batch, sharding)
+
+
+# ------------------------------------------------------------------------- evaluation
+
+
+def run_evaluation(config, eval_step, variables, mesh, *, split: str, step: int,
+                   class_names) -> dict:
+    accumulator = evaluation.evaluate(eval_step, variables, global_eval_batches(config, split, mesh),
+                                      config.num_classes)
+    return evaluation.eval_results(accumulator, model=config.model, split=split, step=step,
+                                   class_names=class_names,
+                                   num_params=count_params(variables))
+
+
+def publish_evaluation(results: dict, writer, workdir: str, *, report_name: str | None) -> None:
+    """Scalars and the confusion-matrix image to TensorBoard; with `report_name`, also
+    WORKDIR/{report_name}.json and WORKDIR/{report_name}_confusion_matrix.png, or
+    eval_results.json and confusion_matrix.png for the training's final report
+    (process 0 only)."""
+    split, step = results["split"], results["step"]
+    writer.write_scalars(step, {f"{split}/{k}": results[k] for k in
+                                ("top1", "top5", "macro_precision", "macro_recall", "macro_f1")})
+    if not distributed.is_primary():
+        return
+    final = report_name == FINAL_REPORT
+    png = None
+    if report_name:
+        png = os.path.join(workdir, "confusion_matrix.png" if final else f"{report_name}_confusion_matrix.png")
+    image = evaluation.plot_confusion_matrix(
+        np.asarray(results["confusion_matrix"]), results["class_names"], png,
+        title=f"{results['model']} on {split}, step {step}")
+    writer.write_images(step, {f"{split}/confusion_matrix": image[None]})
+    if report_name:
+        evaluation.write_eval_results(workdir, results, f"{report_name}.json")
+    logging.info("%s step %d: top1 %.4f top5 %.4f macro-F1 %.4f (%d examples)", split, step,
+                 results["top1"], results["top5"], results["macro_f1"], results["num_examples"])
+
+
+# ---------------------------------------------------------------------- preemption
+
+
+class PreemptionFlag:
+    """SIGTERM sets a flag; the loop checks it between steps, saves, and exits cleanly."""
+
+    def __init__(self):
+        self.requested = False
+        self._previous = None
+
+    def __enter__(self):
+        def handler(signum, frame):
+            del frame
+            logging.warning("signal %d received: saving a checkpoint and stopping", signum)
+            self.requested = True
+
+        self._previous = signal.signal(signal.SIGTERM, handler)
+        return self
+
+    def __exit__(self, *exc):
+        signal.signal(signal.SIGTERM, self._previous or signal.SIG_DFL)
+        return False
+
+
+# ---------------------------------------------------------------------------- helpers
+
+
+def _host_metrics(pending: list, first_step: int, latest_checkpoint) -> dict:
+    """Fetches a window of step metrics, stops on a non-finite loss, returns the means."""
+    fetched = jax.device_get(pending)
+    for offset, metrics in enumerate(fetched):
+        if not bool(metrics["finite"]):
+            step = first_step + offset
+            kept = ("no checkpoint was written yet" if latest_checkpoint is None
+                    else f"the last good checkpoint (step {latest_checkpoint}) is kept")
+            raise NonFiniteLossError(
+                f"non-finite loss at step {step} (loss={float(metrics['loss'])}, "
+                f"grad_norm={float(metrics['grad_norm'])}); training stopped and {kept}. "
+                "Lower config.optimizer.base_learning_rate, set config.grad_clip_norm, or "
+                "train with --config.dtype=float32.")
+    keys = [k for k in fetched[0] if k != "finite"]
+    return {k: float(np.mean([m[k] for m in fetched])) for k in keys}
+
+
+def _write_config(config, workdir: str) -> None:
+    if distributed.is_primary():
+        with open(os.path.join(workdir, "config.json"), "w") as f:
+            f.write(config.to_json_best_effort(indent=2, sort_keys=True))
+
+
+# ------------------------------------------------------------------------------- main
+
+
+def train_and_evaluate(config, workdir: str) -> dict:
+    """Trains until `num_train_steps` (resuming from WORKDIR/checkpoints if present),
+    evaluating on `eval_split` periodically; returns the final evaluation results.
+
+    The final report (eval_results.json) evaluates the best checkpoint by validation
+    macro-F1 on `test_split` when the manifest has it, else on `eval_split`.
+    """
+    workdir = os.path.abspath(workdir)
+    os.makedirs(workdir, exist_ok=True)
+
+    # ---------------------------------------------------------------- checks
+    manifest = config_checks.check_config(config, num_devices=jax.device_count(), process_count=jax.process_count())
+    class_names = manifest["class_names"]
+    num_train = manifest["splits"][config.train_split]["num_examples"]
+    steps_per_epoch = max(1, num_train // config.batch_size)
+    total_steps = optimizers.total_train_steps(config, steps_per_epoch)
+    eval_every = config.eval_every_steps if config.eval_every_steps > 0 else steps_per_epoch
+    _write_config(config, workdir)
+
+    # ---------------------------------------------------------------- logging
+    writer = metric_writers.create_default_writer(
+        os.path.join(workdir, "tensorboard"), just_logging=not distributed.is_primary())
+    logging.info("%d processes, %d devices; %d train examples, %d steps per epoch, %d steps",
+                 jax.process_count(), jax.device_count(), num_train, steps_per_epoch, total_steps)
+
+    # ---------------------------------------------------------------- mesh
+    mesh = mesh_lib.make_mesh(config.mesh_shape)
+
+    # ---------------------------------------------------------------- model and optimizer
+    model = train_state_lib.build_model(config)
+    tx = optimizers.make_optimizer(config, steps_per_epoch)
+    schedule = optimizers.make_schedule(config, steps_per_epoch)
+    rng = jax.random.PRNGKey(config.seed)
+
+    # ---------------------------------------------------------------- state and input
+    train_input = make_train_input(config)
+    manager = checkpointing.make_manager(workdir, config)
+    abstract_state = train_state_lib.abstract_train_state(config, model, tx, mesh, rng)
+    latest = manager.latest_step()
+    if latest is not None:
+        logging.info("resuming from %s step %d", checkpointing.checkpoint_dir(workdir), latest)
+        state = checkpointing.restore(manager, latest, abstract_state, train_input)
+    else:
+        state = train_state_lib.create_train_state(config, model, tx, mesh, rng, abstract_state)
+        if config.pretrained_path:
+            from msff_jax.models.torch_weights import load_pretrained
+
+            variables = load_pretrained(config.model, config.pretrained_path,
+                                        jax.device_get(state.eval_variables()),
+                                        skip_head=config.pretrained_skip_head)
+            state = train_state_lib.with_pretrained(state, variables, mesh)
+    train_iter = device_feed.prefetch_to_mesh(train_input, mesh_lib.batch_sharding(mesh))
+    step = int(jax.device_get(state.step))
+    num_params = count_params({"params": state.params})
+    logging.info("%s: %d parameters", config.model, num_params)
+
+    # ---------------------------------------------------------------- steps
+    train_step = steps.make_train_step(config, model, tx, mesh)
+    eval_step = steps.make_eval_step(config, model, mesh)
+
+    def evaluation_due(at_step: int) -> bool:
+        return at_step % eval_every == 0 or at_step == total_steps
+
+    # A preemption that lands on an evaluation step saves without evaluating (the grace
+    # period is for the save), so the restored step may still owe its evaluation.
+    latest_results = None
+    if latest is not None and evaluation_due(step) and manager.metrics(step) is None:
+        logging.info("step %d was saved without its evaluation (preempted); evaluating it now", step)
+        latest_results = run_evaluation(config, eval_step, state.eval_variables(), mesh,
+                                        split=config.eval_split, step=step, class_names=class_names)
+        publish_evaluation(latest_results, writer, workdir, report_name=None)
+        checkpointing.add_metrics(manager, step, {checkpointing.BEST_METRIC: latest_results["macro_f1"]})
+
+    # ---------------------------------------------------------------- periodic actions
+    hooks = []
+    if distributed.is_primary():
+        report_progress = periodic_actions.ReportProgress(
+            num_train_steps=total_steps, writer=writer, every_steps=config.log_every_steps,
+            every_secs=None)
+        hooks.append(report_progress)
+        if config.profile.enabled:
+            hooks.append(periodic_actions.Profile(
+                logdir=os.path.join(workdir, "tensorboard"), num_profile_steps=config.profile.num_steps,
+                first_profile=config.profile.first_step, every_secs=None))
+
+    # ---------------------------------------------------------------- loop
+    pending, pending_first_step = [], step + 1
+    window_start, window_steps = time.monotonic(), 0
+    preempted = False
+    try:
+        with PreemptionFlag() as preemption:
+            while step < total_steps:
+                with jax.profiler.StepTraceAnnotation("train", step_num=step):
+                    batch = next(train_iter)
+                    state, metrics = train_step(state, batch)
+                step += 1
+                window_steps += 1
+                pending.append(metrics)
+                for hook in hooks:
+                    hook(step)
+
+                if jax.process_count() == 1 or step % PREEMPTION_SYNC_EVERY_STEPS == 0:
+                    preempted = distributed.any_process(preemption.requested)
+                is_last = step == total_steps
+                eval_due = evaluation_due(step)
+                save_due = (config.checkpoint.every_steps > 0
+                            and step % config.checkpoint.every_steps == 0) or eval_due or preempted
+                if step % config.log_every_steps == 0 or save_due or is_last:
+                    means = _host_metrics(pending, pending_first_step, manager.latest_step())
+                    elapsed = time.monotonic() - window_start
+                    means["images_per_sec"] = window_steps * config.batch_size / max(elapsed, 1e-9)
+                    means["learning_rate"] = float(schedule(step - 1))
+                    writer.write_scalars(step, {f"train/{k}": v for k, v in means.items()})
+                    writer.flush()
+                    pending, pending_first_step = [], step + 1
+                    window_start, window_steps = time.monotonic(), 0
+
+                checkpoint_metrics = None
+                if eval_due and not preempted:
+                    latest_results = run_evaluation(config, eval_step, state.eval_variables(), mesh,
+                                                    split=config.eval_split, step=step,
+                                                    class_names=class_names)
+                    publish_evaluation(latest_results, writer, workdir, report_name=None)
+                    checkpoint_metrics = {checkpointing.BEST_METRIC: latest_results["macro_f1"]}
+                if save_due:
+                    checkpointing.save(manager, step, state, train_iter, metrics=checkpoint_metrics,
+                                       force=True)
+                if window_steps == 0:  # Evaluation and saving stay out of the next figure.
+                    window_start = time.monotonic()
+                if preempted:
+                    logging.warning("preempted: checkpoint at step %d written; rerun the same "
+                                    "command to resume", step)
+                    break
+
+    finally:
+        # Pending asynchronous saves finish even when the loop raises (non-finite loss),
+        # so the last good checkpoint is complete on disk.
+        manager.wait_until_finished()
+    if preempted:
+        manager.close()
+        train_iter.close()
+        writer.close()
+        return {"preempted_at_step": step}
+
+    # ---------------------------------------------------------------- final report
+    final_split = config.get("test_split") or config.eval_split
+    if final_split not in manifest["splits"]:
+        final_split = config.eval_split
+    best = manager.best_step()
+    variables, report_step = state.eval_variables(), step
+    if best is not None and best != step:
+        variables = checkpointing.restore(manager, best, abstract_state).eval_variables()
+        report_step = best
+    if final_split == config.eval_split and report_step == step and latest_results is not None:
+        results = latest_results
+    else:
+        results = run_evaluation(config, eval_step, variables, mesh, split=final_split,
+                                 step=report_step, class_names=class_names)
+    publish_evaluation(results, writer, workdir, report_name=FINAL_REPORT)
+    writer.close()
+    manager.close()
+    train_iter.close()
+    return results
+
+
+
+def evaluate_checkpoint(config, workdir: str, *, which: str = "best", split: str | None = None) -> dict:
+    """`--mode eval`: the best or latest checkpoint on `split` (default config.eval_split);
+    writes eval_{split}_step{step}.json and its confusion matrix, never the training's
+    final report (eval_results.json), which `msff_jax.analysis.study` and the report read."""
+    workdir = os.path.abspath(workdir)
+    manifest = config_checks.check_config(config, num_devices=jax.device_count(), process_count=jax.process_count())
+    split = split or config.eval_split
+    if split not in manifest["splits"]:
+        raise ValueError(f"--eval_split={split!r} is not in {config.data_dir}/manifest.json (it "
+                         f"has {sorted(manifest['splits'])}).")
+    mesh = mesh_lib.make_mesh(config.mesh_shape)
+    model = train_state_lib.build_model(config)
+    tx = optimizers.make_optimizer(config, steps_per_epoch=1)
+    manager = checkpointing.make_manager(workdir, config, read_only=True)
+    step = manager.best_step() if which == "best" else None
+    step = manager.latest_step() if step is None else step
+    if step is None:
+        raise FileNotFoundError(f"no finished checkpoint under {checkpointing.checkpoint_dir(workdir)}; "
+                                "train first.")
+    abstract = train_state_lib.abstract_train_state(config, model, tx, mesh, jax.random.PRNGKey(config.seed))
+    state = checkpointing.restore(manager, step, abstract)
+    manager.close()
+    writer = metric_writers.create_default_writer(
+        os.path.join(workdir, "tensorboard"), just_logging=not distributed.is_primary())
+    results = run_evaluation(config, steps.make_eval_step(config, model, mesh), state.eval_variables(),
+                             mesh, split=split, step=step, class_names=manifest["class_names"])
+    publish_evaluation(results, writer, workdir, report_name=f"eval_{split}_step{step}")
+    writer.close()
+    return results
