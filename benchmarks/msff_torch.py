@@ -1,4 +1,4 @@
-"""MSFF-EComNet in PyTorch: the twin of `msff_jax.models.msff.MSFFEComNet`.
+"""MSFF-EComNet in PyTorch: the twin of `msff_jax.models.msff.MSFFNet`.
 
 It exists so the throughput comparison (`benchmarks/torch_peers.py`) can time our model
 as a PyTorch user would run it. A fair comparison needs the same network, so the twin
@@ -29,10 +29,10 @@ from msff_jax.models import msff as flax_msff
 
 
 def flax_defaults() -> Dict[str, object]:
-    """The Flax MSFFEComNet's field defaults (widths, depths, attention, BatchNorm)."""
+    """The Flax MSFFNet's field defaults (widths, depths, attention, BatchNorm)."""
     return {
         field.name: field.default
-        for field in dataclasses.fields(flax_msff.MSFFEComNet)
+        for field in dataclasses.fields(flax_msff.MSFFNet)
         if field.default is not dataclasses.MISSING
     }
 

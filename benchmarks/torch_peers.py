@@ -127,8 +127,13 @@ def benchmark_model(
     args: argparse.Namespace,
     device: torch.device,
     device_name: str,
+    after_timing: Optional[Callable[[Callable[[], object], Callable[[], object]], None]] = None,
 ) -> Dict[str, object]:
-    """Measures one model in one compile setting; returns a CSV row."""
+    """Measures one model in one compile setting; returns a CSV row.
+
+    `after_timing(train_step, infer_step)`, if given, is called once the timings are
+    taken, with the warmed-up steps (benchmarks.gpu_probe profiles them).
+    """
     framework = "pytorch+compile" if compile_model else "pytorch"
     precision = precision_label(args)
     row: Dict[str, object] = {column: "" for column in CSV_COLUMNS}
@@ -140,7 +145,9 @@ def benchmark_model(
     forward_flops = count_forward_flops(model, args.image_size, device)
     row["gmacs"] = significant(forward_flops / 2 / 1e9)
     model = model.to(memory_format=torch.channels_last)
-    runnable = torch.compile(model, backend=args.compile_backend) if compile_model else model
+    compile_options = {"mode": args.compile_mode} if args.compile_mode else {}
+    runnable = (torch.compile(model, backend=args.compile_backend, **compile_options)
+                if compile_model else model)
 
     batch = args.batch_size
     images = torch.randn(batch, 3, args.image_size, args.image_size, device=device)
@@ -178,6 +185,8 @@ def benchmark_model(
     infer_first_call, infer_seconds = first_call_then_median(infer_step, training=False)
     train_first_call, train_seconds = first_call_then_median(train_step, training=True)
     first_calls = infer_first_call + train_first_call
+    if after_timing is not None:
+        after_timing(train_step, infer_step)
 
     train_rate = batch / train_seconds
     row.update(
@@ -243,6 +252,12 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
         default="inductor",
         help="torch.compile backend; 'eager' or 'aot_eager' only check that a model "
         "traces (fast on a CPU), 'inductor' is what the timings mean",
+    )
+    parser.add_argument(
+        "--compile_mode",
+        default=None,
+        choices=(None, "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"),
+        help="torch.compile mode (inductor only; default: torch's default)",
     )
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", choices=("bfloat16", "float32"), default="bfloat16")

@@ -8,10 +8,15 @@ plus a few changed fields, so the comparison between models is fair by construct
     python launch.py --config configs/default.py --workdir runs/msff_ecomnet \
         --config.data_dir=data/deepfashion15
 
-`--config configs/default.py:resnet50` selects another model name with the same recipe.
+`--config configs/default.py:MODEL` trains another model of the study (the ablations
+msff_base, msff_msp, msff_iasm; the baselines resnet50, mobilenet_v3_large,
+efficientnet_b0) with the same recipe; the one per-model difference is the lighter weight
+decay of the depthwise-convolution baselines.
 """
 
 import ml_collections
+
+DEPTHWISE_MODELS = ("mobilenet_v3_large", "efficientnet_b0")
 
 
 def get_config(model: str | None = None) -> ml_collections.ConfigDict:
@@ -55,9 +60,9 @@ def get_config(model: str | None = None) -> ml_collections.ConfigDict:
     # SHA-256 of every shard against the manifest whenever a split is opened: at
     # start-up, and for the eval split at every evaluation (seconds for 40k images).
     config.data.verify_checksums = True
-    # Image decoding and resizing, for training and evaluation alike: "cv2" (OpenCV, with
-    # simplejpeg for full-size JPEGs) or "pil" (Pillow). The two differ in the last bits
-    # of resized pixels, so evaluate with the backend a model was trained with.
+    # Image decoding and resizing of the training crops: "cv2" (OpenCV, with simplejpeg
+    # for full-size JPEGs) or "pil" (Pillow). Evaluation, --mode eval and predict use one
+    # exact Pillow transform whatever this says (export.json records both).
     config.data.image_backend = "cv2"
 
     # ------------------------------------------------------------ the recipe
@@ -95,6 +100,9 @@ def get_config(model: str | None = None) -> ml_collections.ConfigDict:
     # only hurts. 5e-5 rather than ImageNet's 1e-4: fewer images per class, but also a
     # model (11.8 M) with less capacity to overfit than ResNet-50.
     config.optimizer.weight_decay = 5e-5
+    if config.model in DEPTHWISE_MODELS:
+        # Depthwise kernels have few weights each; the MobileNetV3 paper decays them at 1e-5.
+        config.optimizer.weight_decay = 1e-5
     # Global-norm clipping; 0 disables it. SGD+BN rarely needs it; AdamW fine-tuning
     # likes 1.0.
     config.grad_clip_norm = 0.0

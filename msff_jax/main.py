@@ -4,16 +4,30 @@ Modes: train (trains, evaluates, writes the report; rerun to resume), eval (best
 latest checkpoint on --eval_split), summary, benchmark, export, report. Config fields
 are overridden on the command line, e.g. `--config.batch_size=512`.
 
+Output: a start-up block, one line per log interval, evaluation and checkpoint, and a
+summary; library logging is hidden unless `--verbosity=0` (or higher). A mistake
+(a flag, a config field, a path, a workdir of another run, running out of accelerator
+memory) prints one `error: ...` line and exits 1 (2 for an unusable command line);
+`--show_traceback` adds the Python traceback for bug reports.
+
 Several hosts: run the same command on every host with `--coordinator_address`,
 `--num_processes` and `--process_id`, or under SLURM's `srun` with none of them.
 """
 
 import os
+import re
+import sys
 
-from absl import app, flags, logging
-from ml_collections import config_flags
+from msff_jax import console
+
+console.quiet_native_logs()  # Before anything imports TensorFlow or XLA.
+
+from absl import app, flags  # noqa: E402
+from ml_collections import config_flags  # noqa: E402
 
 MODES = ("train", "eval", "summary", "benchmark", "export", "report")
+PROGRAM = "python launch.py"
+CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/default.py "
@@ -28,62 +42,225 @@ flags.DEFINE_enum("checkpoint", "best", ("best", "latest"),
 flags.DEFINE_string("coordinator_address", None, "host:port of process 0, for several hosts.")
 flags.DEFINE_integer("num_processes", None, "Number of processes (hosts), with --coordinator_address.")
 flags.DEFINE_integer("process_id", None, "This process's index, with --coordinator_address.")
+flags.DEFINE_bool("show_traceback", False, "On an error, print the Python traceback too "
+                  "(for bug reports).")
 
 
-def _require(flag_value, mode: str, what: str) -> None:
-    if flag_value is None:
-        raise app.UsageError(f"--mode {mode} needs {what}.")
+# ------------------------------------------------------------------------- flag parsing
 
 
-def main(argv):
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    config, workdir = FLAGS.config, FLAGS.workdir
-    mode = FLAGS.mode or (config.get("mode") if config is not None else None) or "train"
+def _config_arg(argv) -> str | None:
+    for i, arg in enumerate(argv):
+        if arg.startswith("--config="):
+            return arg.split("=", 1)[1]
+        if arg == "--config" and i + 1 < len(argv):
+            return argv[i + 1]
+    return None
+
+
+def _known_configs() -> str:
+    try:
+        names = sorted(n for n in os.listdir(CONFIG_DIR) if n.endswith(".py") and not n.startswith("_"))
+    except OSError:
+        return ""
+    return f" (the project's configs: {', '.join('configs/' + n for n in names)})"
+
+
+def _config_file_error(path: str, err: BaseException) -> str:
+    """`path` raised while loading: name its line when the traceback passes through it."""
+    import traceback
+
+    line = ""
+    wanted = os.path.realpath(path)
+    for frame in traceback.extract_tb(err.__traceback__):
+        if os.path.realpath(frame.filename) == wanted:
+            line = f", line {frame.lineno}"
+    return (f"config file {path}{line} raised {type(err).__name__}: {' '.join(str(err).split())}; "
+            "fix the file or pass another --config.")
+
+
+def _override_error(argv, err: BaseException) -> str | None:
+    """A `--config.FIELD=...` naming no field: ml_collections raises AttributeError or
+    KeyError with a 'Did you mean' hint in a quoted, escaped message."""
+    text = str(err).replace("\\n", "\n").replace("\\'", "'")
+    names = re.findall(r"'([A-Za-z_][\w]*)'", text)
+    suggestion = re.search(r'Did you mean "([\w.]+)"', text)
+    overrides = [a.split("=", 1)[0] for a in argv if a.startswith("--config.")]
+    for name in names:
+        for flag in overrides:
+            if name in flag.split(".")[1:]:
+                hint = f"; did you mean {suggestion.group(1)}?" if suggestion else \
+                    " (python launch.py --config FILE --helpfull lists the config's fields)."
+                return f"{flag}: the config has no field {name!r}{hint}"
+    return None
+
+
+def parse_flags(argv):
+    """absl's parser with one-line errors (app.run's `flags_parser`)."""
+    config_path = _config_arg(argv[1:])
+    if config_path is not None:
+        path = config_path.split(":", 1)[0]
+        if not os.path.isfile(path):
+            console.error_line(f"config file {path} does not exist{_known_configs()}.")
+            sys.exit(console.EXIT_USAGE)
+    try:
+        rest = FLAGS(argv)
+        if FLAGS.config is not None:
+            FLAGS.config.get("model")  # Surfaces a config file's deferred load error.
+    except flags.Error as err:
+        console.error_line(f"{console.flag_error_text(err)} (`{PROGRAM} --helpshort` lists the flags)")
+        sys.exit(console.EXIT_USAGE)
+    except Exception as err:  # A config file that raises, or an override naming no field.
+        if "--show_traceback" in argv or console.traceback_wanted():
+            import traceback
+
+            traceback.print_exc()
+        cause = err.__cause__ or err
+        message = (_override_error(argv, err) if isinstance(err, (AttributeError, KeyError)) else None)
+        if message is None and config_path is not None:
+            message = _config_file_error(config_path.split(":", 1)[0], cause)
+        console.error_line(message or f"cannot parse the command line: {' '.join(str(err).split())}")
+        sys.exit(console.EXIT_USAGE)
+    return rest
+
+
+# ------------------------------------------------------------------------- checks
+
+
+def _check_workdir(workdir: str, mode: str) -> None:
+    """The workdir exists (or can be made, for training) and is usable."""
+    fresh = f"{PROGRAM} --config CONFIG --workdir {workdir} trains one"
+    if os.path.exists(workdir) and not os.path.isdir(workdir):
+        raise console.PathError(f"--workdir {workdir} is a file, not a folder; pass a folder.")
+    if mode == "train":
+        parent = workdir
+        while parent and not os.path.exists(parent):
+            parent = os.path.dirname(parent.rstrip(os.sep)) or "."
+        if not os.access(parent, os.W_OK | os.X_OK):
+            raise console.PathError(f"--workdir {workdir}: cannot write in {parent} (permission "
+                                    "denied); pass a folder you can write to.")
+        return
+    if mode in ("eval", "export", "report"):
+        if not os.path.isdir(workdir):
+            raise console.PathError(f"--workdir {workdir} does not exist; pass the workdir of a "
+                                    f"trained run ({fresh}).")
+        if not os.access(workdir, os.R_OK | os.X_OK):
+            raise console.PathError(f"--workdir {workdir} is not readable (permission denied).")
+    if mode in ("eval", "export"):
+        checkpoints = os.path.join(workdir, "checkpoints")
+        steps = [n for n in (os.listdir(checkpoints) if os.path.isdir(checkpoints) else [])
+                 if n.isdigit()]
+        if not steps:
+            raise console.PathError(f"--mode {mode}: no checkpoint in {checkpoints}; train first "
+                                    f"({fresh}) or pass the workdir of a trained run.")
+
+
+def _out_of_memory(err: BaseException, config, mode: str) -> console.UserError | None:
+    """XLA's RESOURCE_EXHAUSTED as advice naming the batch size."""
+    if "RESOURCE_EXHAUSTED" not in str(err) and "Out of memory" not in str(err):
+        return None
+    if mode == "train":
+        batch, accum = config.batch_size, config.get("grad_accum_steps", 1)
+        return console.ConfigError(
+            f"the accelerator ran out of memory with config.batch_size={batch} "
+            f"(config.grad_accum_steps={accum}, config.dtype={config.dtype!r}). Lower "
+            f"--config.batch_size (e.g. {max(1, batch // 2)}), or keep it and raise "
+            f"--config.grad_accum_steps (e.g. {accum * 2}) to split each batch into "
+            "micro-batches, or use --config.dtype=bfloat16.")
+    return console.ConfigError(
+        f"the accelerator ran out of memory with config.eval_batch_size={config.eval_batch_size}"
+        f" in --mode {mode}; lower --config.eval_batch_size (e.g. "
+        f"{max(1, config.eval_batch_size // 2)}).")
+
+
+# ------------------------------------------------------------------------- modes
+
+
+def run_mode(config, workdir: str, mode: str) -> int | None:
     if mode not in MODES:
-        raise app.UsageError(f"config field mode={mode!r} is not one of {MODES}.")
-    _require(workdir, mode, "--workdir")
+        raise console.ConfigError(f"config field mode={mode!r} is not one of {MODES}.")
+    if mode != "train":  # Only training turns SIGTERM into "save and stop".
+        from msff_jax.train import preemption
+
+        preemption.uninstall(resend=True)
+    if workdir is None:
+        raise console.ConfigError(f"--mode {mode} needs --workdir.")
+    _check_workdir(workdir, mode)
     if mode == "report":
         from msff_jax.analysis import report
 
         return report.run(workdir)
-    _require(config, mode, "--config")
+    if config is None:
+        raise console.ConfigError(f"--mode {mode} needs --config (e.g. --config configs/default.py).")
 
+    from msff_jax.train import config_checks
+
+    config_checks.check_model(config)
     from msff_jax.train import distributed
 
     distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
     if config.get("demo") and mode in ("train", "eval", "export"):
         from msff_jax.train import demo_data as demo
 
+        if not os.path.isfile(os.path.join(workdir, "data", "shards", "manifest.json")) \
+                and not config.data_dir:
+            console.say(f"demo: generating {config.demo.num_generated} synthetic DeepFashion "
+                        f"images and converting them to shards in {workdir}/data (first run only)")
         demo.prepare_data(config, workdir)  # Sets config.data_dir; generates only once.
-    if mode == "train":
-        from msff_jax.train import loop as train
+    if mode in ("train", "eval", "export"):
+        config_checks.check_resume(config, os.path.abspath(workdir), mode=mode)
+    try:
+        if mode == "train":
+            from msff_jax.train import loop as train
 
-        train.train_and_evaluate(config, workdir)
-    elif mode == "eval":
-        from msff_jax.train import loop as train
+            train.train_and_evaluate(config, workdir)
+        elif mode == "eval":
+            from msff_jax.train import loop as train
 
-        train.evaluate_checkpoint(config, workdir, which=FLAGS.checkpoint, split=FLAGS.eval_split)
-    elif mode == "summary":
-        from msff_jax.analysis import summary
+            train.evaluate_checkpoint(config, workdir, which=FLAGS.checkpoint, split=FLAGS.eval_split)
+        elif mode == "summary":
+            from msff_jax.analysis import summary
 
-        summary.print_summary(config)
-    elif mode == "benchmark":
-        from msff_jax.analysis.benchmark import run as benchmark
+            summary.print_summary(config)
+        elif mode == "benchmark":
+            from msff_jax.analysis.benchmark import run as benchmark
 
-        benchmark.run(config, workdir)
-    elif mode == "export":
-        from msff_jax.inference import export
+            benchmark.run(config, workdir)
+        elif mode == "export":
+            from msff_jax.inference import export
 
-        export.run(config, workdir, which=FLAGS.checkpoint)
+            export.run(config, workdir, which=FLAGS.checkpoint)
+    except console.UserError:
+        raise
+    except Exception as err:
+        translated = _out_of_memory(err, config, mode)
+        if translated is None:
+            raise
+        raise translated from err
+    return 0
+
+
+def main(argv):
+    console.setup_logging(FLAGS.verbosity if FLAGS["verbosity"].present else None)
+
+    def body():
+        if len(argv) > 1:
+            raise console.ConfigError(
+                f"unexpected arguments {argv[1:]}; flags take the form --name=value "
+                f"(`{PROGRAM} --helpshort` lists them).")
+        config, workdir = FLAGS.config, FLAGS.workdir
+        mode = FLAGS.mode or (config.get("mode") if config is not None else None) or "train"
+        return run_mode(config, workdir, mode)
+
+    return console.guarded(body, show_traceback=FLAGS.show_traceback)
 
 
 def run() -> None:
     """Console entry point (`msff-launch`) and what `launch.py` calls."""
-    flags.mark_flags_as_required(["workdir"])
-    logging.set_verbosity(logging.INFO)
-    app.run(main)
+    from msff_jax.train import preemption
+
+    preemption.install()  # First: a SIGTERM from here on stops training cleanly (see there).
+    app.run(main, flags_parser=parse_flags)
 
 
 if __name__ == "__main__":

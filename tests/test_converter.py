@@ -14,7 +14,7 @@ from data_pipeline.records import example_codec
 from data_pipeline.conversion import selection
 from data_pipeline.conversion import shard_writer
 from data_pipeline.conversion import synthetic
-from data_pipeline.records import tfrecord_format
+from record_helpers import read_records
 
 FOUR = ["Dress", "Tee", "Blouse", "Shorts"]
 
@@ -31,7 +31,7 @@ def dataset_copy(dataset, tmp_path):
 
 def _records(output_dir, manifest, split):
     for shard in manifest["splits"][split]["shards"]:
-        for record in tfrecord_format.read_records(output_dir / shard["file"]):
+        for record in read_records(output_dir / shard["file"]):
             yield shard["file"], example_codec.decode_example(record)
 
 
@@ -166,7 +166,7 @@ def test_killed_run_leaves_nothing_that_looks_complete_and_rerun_finishes(datase
     finished = sorted(p.name for p in out.glob("*.tfrecord"))
     assert finished and any(p.name.endswith(".partial") for p in out.iterdir())
     for name in finished:  # every file with a final name is a complete, valid shard
-        list(tfrecord_format.read_records(out / name))
+        list(read_records(out / name))
     mtimes = {name: (out / name).stat().st_mtime_ns for name in finished}
 
     calls["n"] = -10**9  # no more crashes; count encodes of the rerun
@@ -190,7 +190,7 @@ def test_shard_whose_checksum_changed_is_rewritten_on_rerun(dataset, tmp_path):
     victim.write_bytes(bytes(data))
     again = _convert(dataset, out, shard_size_mb=0.1)
     assert again["splits"] == first["splits"]
-    list(tfrecord_format.read_records(victim))
+    list(read_records(victim))
 
 
 def test_command_line_reports_errors_and_success(dataset, tmp_path, capsys):

@@ -10,7 +10,7 @@ from sklearn.datasets import load_digits
 
 from data_pipeline.conversion import digits
 from data_pipeline.records import example_codec
-from data_pipeline.records import tfrecord_format
+from record_helpers import read_records
 
 
 @pytest.fixture(scope="module")
@@ -28,7 +28,7 @@ def test_every_digit_once_with_its_label(written):
     for split, info in manifest["splits"].items():
         counts = [0] * 10
         for shard in info["shards"]:
-            records = list(tfrecord_format.read_records(out / shard["file"]))
+            records = list(read_records(out / shard["file"]))
             assert len(records) == shard["num_records"]
             for record in records:
                 example = example_codec.decode_example(record)

@@ -11,7 +11,6 @@ import shutil
 import signal
 import socket
 import subprocess
-import time
 
 import jax
 import numpy as np
@@ -52,10 +51,12 @@ def setup(tmp_path_factory):
     return root, write_tiny_config(str(root), data_dir, num_steps=NUM_STEPS, dropout_rate=0.0)
 
 
-def _start_processes(config_path, workdir, env, log_dir, *extra_args, count=2, name="process"):
+def _start_processes(config_path, workdir, env, log_dir, *extra_args, count=2, name="process",
+                     extra_env=None):
     """`count` launch.py processes joined on a free localhost port, each in its own
     process group (with its decode workers, if any); each one's stderr goes to a file,
-    so no pipe fills while the test waits on another."""
+    so no pipe fills while the test waits on another. `extra_env[i]`: more environment
+    for process i."""
     address = f"127.0.0.1:{_free_port()}"
     processes, log_paths = [], []
     for i in range(count):
@@ -64,7 +65,8 @@ def _start_processes(config_path, workdir, env, log_dir, *extra_args, count=2, n
             processes.append(subprocess.Popen(
                 launch_args(config_path, workdir, f"--coordinator_address={address}",
                             f"--num_processes={count}", f"--process_id={i}", *extra_args),
-                cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=log, text=True,
+                cwd=REPO, env=dict(env, **(extra_env or {}).get(i, {})), stdout=subprocess.DEVNULL,
+                stderr=log, text=True,
                 start_new_session=True))
     return processes, log_paths
 
@@ -79,12 +81,6 @@ def _wait_all(processes, log_paths, timeout=900):
             if process.poll() is None:
                 os.killpg(process.pid, signal.SIGKILL)
     return [open(path).read() for path in log_paths]
-
-
-def _logged_step(log_path):
-    """The last train step process 0 has logged so far (0 before the first)."""
-    steps = re.findall(r"\] \[(\d+)\] train/", open(log_path).read())
-    return int(steps[-1]) if steps else 0
 
 
 def test_two_processes_match_one_process_with_eight_devices(setup):
@@ -115,12 +111,15 @@ def test_two_processes_match_one_process_with_eight_devices(setup):
 
 
 def test_sigterm_to_one_process_stops_both_at_the_same_step(tmp_path_factory, setup):
-    """A scheduler may signal one host before the others. The processes agree on it at a
-    multiple of PREEMPTION_SYNC_EVERY_STEPS, all save that step together and exit 0; the
-    same command then resumes both from it and finishes, and so does one process from a
-    copy of the checkpoint. The signal goes to the host's whole process group, decode
-    workers included, as schedulers send it: the trainer keeps drawing batches from
-    those workers until the processes agree."""
+    """A scheduler may signal one host before the others. The processes agree on it (at
+    the next evaluation batch they compare flags at, or at a multiple of
+    PREEMPTION_SYNC_EVERY_STEPS), all save that step together and exit 0; the same
+    command then resumes both from it and finishes, and so does one process from a copy
+    of the checkpoint. The signal goes to process 1's whole process group, as schedulers
+    send it, while the decode worker of its first evaluation is starting: that worker
+    survives, and no process leaves leaked shared memory behind."""
+    from tests.test_resume import FAILURE_WORDS
+
     root, _ = setup
     sync = train.PREEMPTION_SYNC_EVERY_STEPS
     num_steps = 3 * sync  # Room for a signal that misses the first agreement.
@@ -131,38 +130,36 @@ def test_sigterm_to_one_process_stops_both_at_the_same_step(tmp_path_factory, se
     workdir = str(work_root / "work")
 
     workers = "--config.data.worker_count=1"
-    processes, log_paths = _start_processes(config_path, workdir, env, str(work_root), workers)
-    try:
-        # Process 1 alone is signalled, once process 0 has logged step 2: well before the
-        # agreement step, so the flag is set on one process only when they compare.
-        deadline = time.monotonic() + 900
-        while _logged_step(log_paths[0]) < 2:
-            assert all(p.poll() is None for p in processes), open(log_paths[0]).read()[-3000:]
-            assert time.monotonic() < deadline, "no train step logged in time"
-            time.sleep(0.05)
-        assert _logged_step(log_paths[0]) < sync, "training outran the signal"
-        os.killpg(processes[1].pid, signal.SIGTERM)
-    finally:
-        logs = _wait_all(processes, log_paths)
+    # Each process leads its own group (see _start_processes): the hook signals process 1
+    # and its decode worker only, 0.3 s into its evaluation of step 5.
+    processes, log_paths = _start_processes(
+        config_path, workdir, env, str(work_root), workers,
+        extra_env={1: {"MSFF_TEST_SIGTERM": "eval_start:5:group:0.3"}})
+    logs = _wait_all(processes, log_paths)
     stops = []
     for process, log in zip(processes, logs):
         assert process.returncode == 0, log[-3000:]
+        for word in FAILURE_WORDS:
+            assert word not in log, log[-3000:]
         stops += re.findall(r"preempted: checkpoint at step (\d+) written", log)
     assert len(stops) == 2 and stops[0] == stops[1], logs[1][-3000:]
     stopped = int(stops[0])
-    assert stopped in (sync, 2 * sync)
-    assert "signal 15 received" in logs[1] and "signal 15 received" not in logs[0]
+    # Step 5 when the flags are compared after the signal, at the evaluation's first
+    # batch (the worker takes longer than 0.3 s to start); else the next agreement step.
+    assert stopped in (5, sync), logs[1][-3000:]
+    assert "SIGTERM received" in logs[1] and "SIGTERM received" not in logs[0]
     manager = checkpointing.make_manager(workdir, load_config(config_path), read_only=True)
     assert manager.latest_step() == stopped
     # The same checkpoint also resumes on one host (one process with all 8 devices).
     one_host = str(work_root / "one_host")
     shutil.copytree(workdir, one_host)
-    log = run_to_end(config_path, one_host, subprocess_env(str(work_root / "cache8"), device_count=8))
+    log = run_to_end(config_path, one_host, subprocess_env(str(work_root / "cache8"), device_count=8),
+                     "--verbosity=0")
     assert f"resuming from {checkpointing.checkpoint_dir(one_host)} step {stopped}" in log
     assert final_params(config_path, one_host)[1] == num_steps
 
     processes, log_paths = _start_processes(config_path, workdir, env, str(work_root), workers,
-                                            name="resumed")
+                                            "--verbosity=0", name="resumed")
     logs = _wait_all(processes, log_paths)
     for process, log in zip(processes, logs):
         assert process.returncode == 0, log[-3000:]

@@ -7,6 +7,7 @@ import pytest
 import tensorflow as tf
 
 from data_pipeline.records import example_codec
+import record_helpers
 from data_pipeline.records import tfrecord_format
 
 FIELDS = dict(
@@ -104,24 +105,24 @@ def test_tfrecord_files_interoperate_with_tf(tmp_path):
     records = [b"", b"a", os.urandom(1000), example_codec.encode_example(**FIELDS)]
     ours = tmp_path / "ours.tfrecord"
     with open(ours, "wb") as stream:
-        assert tfrecord_format.write_records(stream, records) == 4
+        assert record_helpers.write_records(stream, records) == 4
     assert [r.numpy() for r in tf.data.TFRecordDataset(str(ours))] == records
     theirs = tmp_path / "theirs.tfrecord"
     with tf.io.TFRecordWriter(str(theirs)) as writer:
         for record in records:
             writer.write(record)
     assert ours.read_bytes() == theirs.read_bytes()
-    assert list(tfrecord_format.read_records(theirs)) == records
+    assert list(record_helpers.read_records(theirs)) == records
     spans = tfrecord_format.index_records(theirs)
     assert [length for _, length in spans] == [len(r) for r in records]
     with open(theirs, "rb") as stream:
         for i in (3, 0, 2):
-            assert tfrecord_format.read_record_at(stream, *spans[i], path=theirs, index=i) == records[i]
+            assert record_helpers.read_record_at(stream, *spans[i], path=theirs, index=i) == records[i]
 
 
 def _write(path, records):
     with open(path, "wb") as stream:
-        tfrecord_format.write_records(stream, records)
+        record_helpers.write_records(stream, records)
     return bytearray(path.read_bytes())
 
 
@@ -130,12 +131,12 @@ def test_truncated_tfrecord_names_file_and_record(tmp_path):
     data = _write(path, [b"x" * 100, b"y" * 100, b"z" * 100])
     path.write_bytes(bytes(data[:-10]))
     with pytest.raises(tfrecord_format.TFRecordCorruptionError, match=r"shard\.tfrecord: record 2 .*truncated"):
-        list(tfrecord_format.read_records(path))
+        list(record_helpers.read_records(path))
     with pytest.raises(tfrecord_format.TFRecordCorruptionError, match="record 2"):
         tfrecord_format.index_records(path)
     path.write_bytes(bytes(data[:116 + 5]))  # cut inside record 1's header
     with pytest.raises(tfrecord_format.TFRecordCorruptionError, match="record 1 .*header"):
-        list(tfrecord_format.read_records(path))
+        list(record_helpers.read_records(path))
 
 
 def test_bit_flips_are_caught_in_data_and_in_length(tmp_path):
@@ -145,18 +146,18 @@ def test_bit_flips_are_caught_in_data_and_in_length(tmp_path):
     flipped[66 + 12 + 20] ^= 0x04  # inside record 1's data
     path.write_bytes(bytes(flipped))
     with pytest.raises(tfrecord_format.TFRecordCorruptionError, match="record 1 at byte 66: data checksum"):
-        list(tfrecord_format.read_records(path))
+        list(record_helpers.read_records(path))
     spans = tfrecord_format.index_records(path)
     with open(path, "rb") as stream, pytest.raises(tfrecord_format.TFRecordCorruptionError, match="record 1"):
-        tfrecord_format.read_record_at(stream, *spans[1], path=path, index=1)
+        record_helpers.read_record_at(stream, *spans[1], path=path, index=1)
     flipped = bytearray(data)
     flipped[2] ^= 0x01  # record 0's length
     path.write_bytes(bytes(flipped))
     with pytest.raises(tfrecord_format.TFRecordCorruptionError, match="record 0 .*length checksum"):
-        list(tfrecord_format.read_records(path))
+        list(record_helpers.read_records(path))
 
 
 def test_frame_record_matches_stream_writer():
     stream = io.BytesIO()
-    tfrecord_format.write_records(stream, [b"abc"])
+    record_helpers.write_records(stream, [b"abc"])
     assert stream.getvalue() == tfrecord_format.frame_record(b"abc")

@@ -10,6 +10,7 @@ import jax
 import numpy as np
 import pytest
 
+from data_pipeline.records import transforms
 from msff_jax.inference import export
 from msff_jax.inference.preprocessing import normalize_images
 from tiny_export import IMAGE_SIZE, MEAN_RGB, STDDEV_RGB, write_tiny_export
@@ -76,6 +77,12 @@ def test_metadata_and_variables(exported):
     assert metadata["preprocessing"]["image_size"] == IMAGE_SIZE
     assert metadata["preprocessing"]["mean_rgb"] == list(MEAN_RGB)
     assert metadata["preprocessing"]["input_dtype"] == "uint8"
+    assert metadata["format_version"] == export.FORMAT_VERSION == 2
+    # The transform itself, from the module that runs it (its wording is tested there).
+    assert {k: v for k, v in metadata["preprocessing"].items()
+            if k not in ("mean_rgb", "stddev_rgb", "input_dtype", "layout", "channel_order",
+                         "training_image_backend", "training_crops")} == \
+        transforms.eval_preprocessing_spec(IMAGE_SIZE, 0.875)
     assert set(metadata["artifact"]["platforms"]) == {"cpu", "cuda"}
     assert metadata["variables"]["collections"] == ["batch_stats", "params"]
 
@@ -127,3 +134,56 @@ def test_inconsistent_class_names(exported, tmp_path):
     _edit_metadata(copy, class_names=CLASS_NAMES[:3])
     with pytest.raises(export.ExportError, match="export.json: 3 class_names for num_classes=4"):
         export.load_export(copy)
+
+
+def test_training_backend_is_recorded():
+    metadata = export.build_metadata(
+        model_name="resnet50", model_overrides={}, num_classes=2, class_names=["a", "b"],
+        dtype="float32", image_size=64, crop_fraction=0.875, mean_rgb=MEAN_RGB,
+        stddev_rgb=STDDEV_RGB, step=None, ema=False, class_names_source="test",
+        image_backend="pil")
+    assert metadata["preprocessing"]["training_image_backend"] == "pil"
+    assert metadata["preprocessing"]["resize_short"] == 73
+
+
+def _edit_preprocessing(directory, **changes):
+    path = directory / export.METADATA_FILE
+    metadata = json.loads(path.read_text())
+    metadata["preprocessing"].update(changes)
+    path.write_text(json.dumps(metadata))
+
+
+@pytest.mark.parametrize("changes,message", [
+    ({"version": 1}, r"export.json: preprocessing.version 1 is not 2, .*Export again"),
+    ({"resize_short": 36}, r"export.json: preprocessing.resize_short is 36 but .* = 37"),
+    ({"crop_fraction": 0}, r"export.json: preprocessing.crop_fraction must be in \(0, 1\], got 0"),
+    ({"image_size": "32"}, r"export.json: preprocessing.image_size must be a positive integer"),
+    ({"stddev_rgb": [58.0, 0.0, 57.0]}, r"export.json: preprocessing.stddev_rgb must be positive"),
+    ({"mean_rgb": [1.0, 2.0]}, r"export.json: preprocessing.mean_rgb must be 3 numbers"),
+], ids=["old_version", "resize_short", "crop_fraction", "image_size", "stddev", "mean"])
+def test_preprocessing_that_predict_cannot_reproduce_is_refused(exported, tmp_path, changes, message):
+    copy = shutil.copytree(exported[0], tmp_path / "export")
+    _edit_preprocessing(copy, **changes)
+    with pytest.raises(export.ExportError, match=message):
+        export.load_metadata(copy)
+
+
+def test_export_of_the_old_format_asks_for_a_new_export(exported, tmp_path):
+    """A format 1 export.json (its preprocessing block as that version wrote it)."""
+    copy = shutil.copytree(exported[0], tmp_path / "export")
+    path = copy / export.METADATA_FILE
+    metadata = json.loads(path.read_text())
+    metadata["format_version"] = 1
+    metadata["preprocessing"] = {
+        key: metadata["preprocessing"][key]
+        for key in ("image_size", "crop_fraction", "mean_rgb", "stddev_rgb", "input_dtype",
+                    "layout", "channel_order")}
+    path.write_text(json.dumps(metadata))
+    with pytest.raises(export.ExportError,
+                       match="export.json: format_version 1 is not the supported 2; run launch.py --mode export"):
+        export.load_metadata(copy)
+    metadata["format_version"] = 2
+    path.write_text(json.dumps(metadata))
+    with pytest.raises(export.ExportError,
+                       match=r"missing keys \['preprocessing.version', 'preprocessing.resize_short'\]"):
+        export.load_metadata(copy)

@@ -50,7 +50,7 @@ def exports(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def folder(tmp_path_factory):
-    """Three good images (JPEG, PNG, in a subfolder) and three unusable files."""
+    """Three good images (JPEG, PNG, in a subfolder) and four unusable files."""
     root = tmp_path_factory.mktemp("images")
     _photo(60, 40, 0).save(root / "wide.jpg", quality=95)
     _photo(30, 50, 1).save(root / "tall.png")
@@ -61,6 +61,7 @@ def folder(tmp_path_factory):
     _photo(64, 64, 3).save(good, format="JPEG")
     (root / "truncated.jpg").write_bytes(good.getvalue()[: len(good.getvalue()) // 2])
     (root / "bomb.png").write_bytes(_bomb_png())
+    (root / "empty.jpg").write_bytes(b"")
     return root
 
 
@@ -74,14 +75,19 @@ def _reference_probabilities(model, variables, path):
 def test_folder_with_unusable_files(exports, folder, capsys):
     export_dir, model, variables = exports["msff_ecomnet"]
     status = predict.main(["--export_dir", str(export_dir), "--top_k", "2",
-                           "--batch_size", "2", str(folder)])
+                           "--batch_size", "2", str(folder), str(folder / "notes.txt")])
     out, err = capsys.readouterr()
     assert status == 2  # some files skipped, the rest classified
-    for bad, reason in (("notes.txt", "cannot decode"), ("truncated.jpg", "truncated"),
-                        ("bomb.png", "decompression bomb")):
-        line = next(line for line in err.splitlines() if line.startswith("skipped") and bad in line)
-        assert reason in line, line
-    assert "classified 3 of 6 files; skipped 3" in err
+    for bad, reason in (("notes.txt", "not an image"), ("truncated.jpg", "truncated"),
+                        ("bomb.png", "decompression bomb"), ("empty.jpg", ": empty file")):
+        lines = [line for line in err.splitlines() if line.startswith("skipped") and bad in line]
+        assert len(lines) == 1, lines  # named once, though notes.txt was also named directly
+        assert reason in lines[0], lines[0]
+    assert "cannot decode image: cannot decode image" not in err
+    assert "Pillow knows" not in err.split("empty.jpg")[1].splitlines()[0]
+    assert "classified 3 of 7 files; skipped 4" in err
+    assert "img/s" not in err and "%|" not in err  # no progress bar off a terminal
+    assert "Traceback" not in err
     lines = out.strip().splitlines()
     headers = [line for line in lines if not line.startswith("  ")]
     assert sorted(h.rsplit("/", 1)[-1] for h in headers) == ["square.jpg", "tall.png", "wide.jpg"]
@@ -124,7 +130,31 @@ def test_empty_folder_and_missing_path(exports, tmp_path, capsys):
 
 def test_bad_export_dir_is_named(tmp_path, folder, capsys):
     assert predict.main(["--export_dir", str(tmp_path), str(folder / "wide.jpg")]) == 1
-    assert "export.json is missing" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "export.json is missing" in err and err.startswith("error: ")
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
+
+
+def test_all_files_skipped_exits_1(exports, folder, capsys):
+    status = predict.main(["--export_dir", str(exports["resnet50"][0]), str(folder / "empty.jpg")])
+    err = capsys.readouterr().err
+    assert status == 1
+    assert "skipped" in err and "empty file" in err and "classified 0 of 1" in err
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--top_k", "0", "x.jpg"], "--top_k"),
+    (["--export_dir", "e", "--topk", "3", "x.jpg"], "topk"),
+    (["--export_dir", "e"], "IMAGE_OR_FOLDER"),
+    (["x.jpg"], "--export_dir"),
+])
+def test_command_line_mistakes_exit_2_with_one_line(argv, message, capsys):
+    with pytest.raises(SystemExit) as stop:
+        predict.main(argv)
+    assert stop.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and message in err, err
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
 
 
 def test_explain_attention_for_msff(exports, folder, tmp_path, capsys):

@@ -1,75 +1,18 @@
 """The grain reader end to end on tiny shards: order, sharding, exact resume, eval
 exactly-once, and the manifest's guards against damaged or mismatched shards."""
 
-import hashlib
-import io
 import json
 import os
 
 import numpy as np
 import pytest
-from PIL import Image
 
-from data_pipeline.records import example_codec
 from data_pipeline.records import manifest
 from data_pipeline.records import reader
 from data_pipeline.records import tfrecord_format
+from record_helpers import NUM_CLASSES, NUM_EXAMPLES, example_ids, write_dataset
 
-NUM_EXAMPLES = 30
-NUM_CLASSES = 3
 IMAGE_SIZE = 16
-
-
-def _encoded_image(example_id: int, label: int) -> bytes:
-    """A flat-coloured JPEG whose red channel spells the example id (8 levels apart,
-    so it survives JPEG and any crop), so batches can be traced back to records."""
-    pixels = np.empty((24, 32, 3), np.uint8)
-    pixels[...] = (8 * example_id, 60 * label, 128)
-    buffer = io.BytesIO()
-    Image.fromarray(pixels).save(buffer, "JPEG", quality=95)
-    return buffer.getvalue()
-
-
-def example_ids(images: np.ndarray) -> list[int]:
-    return [int(round(float(img[..., 0].mean()) / 8)) for img in images]
-
-
-def write_dataset(data_dir, split="train", num_examples=NUM_EXAMPLES, num_shards=3, broken_image_ids=(),
-                  num_classes=NUM_CLASSES):
-    """Shards and manifest in the ARCHITECTURE.md format, written with the codec.
-    Examples in `broken_image_ids` carry bytes that are no image (their CRCs are fine);
-    with `num_classes` below NUM_CLASSES the manifest lists fewer classes than the
-    records use."""
-    os.makedirs(data_dir, exist_ok=True)
-    shards = []
-    ids = np.array_split(np.arange(num_examples), num_shards)
-    for shard_index, shard_ids in enumerate(ids):
-        name = f"{split}-{shard_index:05d}-of-{num_shards:05d}.tfrecord"
-        records = [
-            example_codec.encode_example(
-                image_bytes=b"no image here" if i in broken_image_ids else _encoded_image(i, i % NUM_CLASSES),
-                image_format="jpeg",
-                height=24, width=32, label=i % NUM_CLASSES,
-                class_text=f"class{i % NUM_CLASSES}", filename=f"img/p{i}/img_{i:08d}.jpg",
-            )
-            for i in shard_ids
-        ]
-        path = os.path.join(data_dir, name)
-        with open(path, "wb") as f:
-            tfrecord_format.write_records(f, records)
-        with open(path, "rb") as f:
-            digest = hashlib.sha256(f.read()).hexdigest()
-        shards.append({"file": name, "num_records": len(records), "sha256": digest})
-    content = {
-        "format_version": 1,
-        "class_names": [f"class{k}" for k in range(num_classes)],
-        "image_format": "jpeg",
-        "splits": {split: {"num_examples": num_examples, "class_counts": [], "shards": shards}},
-        "source": {"tool": "tests"},
-    }
-    with open(os.path.join(data_dir, "manifest.json"), "w") as f:
-        json.dump(content, f)
-    return content
 
 
 @pytest.fixture(scope="module")
@@ -235,8 +178,8 @@ def test_eval_crop_is_the_same_every_pass(data_dir):
         np.testing.assert_array_equal(a["image"], b["image"])
 
 
-def test_describe_split_reports_size_and_classes(data_dir):
-    info = reader.describe_split(data_dir, "train")
+def test_open_split_reports_size_and_classes(data_dir):
+    _, info = reader.open_split(data_dir, "train")
     assert info.num_examples == NUM_EXAMPLES
     assert info.class_names == ("class0", "class1", "class2")
 
@@ -331,10 +274,10 @@ def test_global_batch_must_divide_over_processes(data_dir):
 def batch_sharding():
     import jax
 
-    from data_pipeline.records import device_feed
+    from msff_jax.train import mesh as mesh_lib
 
     assert jax.device_count() == 8, "tests/conftest.py simulates 8 CPU devices"
-    return device_feed.batch_sharding(jax.make_mesh((8,), ("data",)))
+    return mesh_lib.batch_sharding(mesh_lib.make_mesh((8, 1)))
 
 
 def test_global_batch_is_split_over_eight_devices_on_the_batch_axis(batch_sharding):

@@ -61,6 +61,7 @@ def _write_benchmark(runs_dir):
 def _table(markdown, heading):
     """{row label: {column: cell}} of the table after `heading`."""
     lines = markdown.split(heading, 1)[1].strip().splitlines()
+    lines = lines[next(i for i, line in enumerate(lines) if line.startswith("|")):]
     header = [c.strip() for c in lines[0].strip("|").split("|")]
     rows = {}
     for line in lines[2:]:
@@ -158,4 +159,57 @@ def test_bad_results_name_the_file(tmp_path):
         report.write_report(tmp_path)
     path.write_text("{not json")
     with pytest.raises(ValueError, match="eval_results.json: not valid JSON"):
+        report.write_report(tmp_path)
+
+
+def test_claims_from_saved_predictions(tmp_path):
+    """Two seeds of two models with predictions in the study's layout: McNemar's b, c and
+    p-value against scipy, the verdict, and the A/B columns of the claims table."""
+    import numpy as np
+    from scipy import stats as scipy_stats
+
+    rng = np.random.default_rng(0)
+    labels = rng.integers(0, 15, 300)
+    b_total = c_total = 0
+    for seed in (0, 1):
+        strong = np.where(rng.random(300) < 0.8, labels, (labels + 1) % 15)
+        weak = np.where(rng.random(300) < 0.6, labels, (labels + 2) % 15)
+        b_total += int(np.sum((strong == labels) & (weak != labels)))
+        c_total += int(np.sum((strong != labels) & (weak == labels)))
+        for model, predicted in (("msff_ecomnet", strong), ("msff_base", weak)):
+            run_dir = tmp_path / model / f"seed{seed}"
+            run_dir.mkdir(parents=True)
+            correct = float(np.mean(predicted == labels))
+            results = {"model": model, "split": "test", "step": 1, "top1": correct,
+                       "macro_precision": 0.5, "macro_recall": 0.5, "macro_f1": 0.5,
+                       "num_examples": 300}
+            (run_dir / "eval_results.json").write_text(json.dumps(results))
+            (run_dir / "study_run.json").write_text(json.dumps({
+                "variant": model, "model": model, "seed": seed, "status": "trained",
+                "wall_time_s": 7200.0, "device_kind": "GPU", "device_count": 2,
+                "device_hours": 4.0, "attempts": []}))
+            np.savez(run_dir / report.PREDICTIONS_FILE, label=labels, predicted=predicted,
+                     index=np.arange(300))
+    markdown = report.write_report(tmp_path).read_text()
+    document = json.loads((tmp_path / report.STATISTICS_FILE).read_text())
+    claim = next(c for c in document["claims"]
+                 if c["title"] == "full model over the base" and c["reading"] == "literal")
+    assert (claim["b"], claim["c"], claim["n"]) == (b_total, c_total, 600)
+    assert claim["p_value"] == pytest.approx(
+        scipy_stats.binomtest(b_total, b_total + c_total, 0.5).pvalue, rel=1e-9)
+    assert claim["verdict"] == "supported"  # 80% against 60% on 600 pairs
+    header = _table(markdown, "## Claims")  # keyed by claim: one reading survives
+    columns = list(next(iter(header.values())))
+    line = next(line for line in markdown.splitlines()
+                if line.startswith("| full model over the base | literal |"))
+    row = dict(zip(columns, (cell.strip() for cell in line.strip("|").split("|"))))
+    assert (row["A"], row["B"]) == ("`msff_ecomnet`", "`msff_base`")
+    assert row["b (A right, B wrong)"] == str(b_total) and row["Verdict"] == "supported"
+    cost = _table(markdown, "## Time and cost")
+    assert cost["total"]["Device-hours"] == "16.000"
+    assert cost["`msff_base/seed1`"]["Wall time (h:mm:ss)"] == "2:00:00"
+    # A predictions file from another evaluation is refused, naming the file.
+    path = tmp_path / "msff_base" / "seed0" / report.PREDICTIONS_FILE
+    np.savez(path, label=labels, predicted=labels, index=np.arange(300))
+    with pytest.raises(ValueError, match=r"msff_base/seed0/test_predictions.npz: its top-1"):
         report.write_report(tmp_path)

@@ -89,15 +89,23 @@ def run_to_end(config_path, workdir, env, *extra_args, timeout=600):
 
 
 def run_and_signal(config_path, workdir, env, sig, at_step, *extra_args, timeout=600):
-    """Starts training and sends `sig` once the log shows step `at_step` finished."""
+    """Starts training and sends `sig` once the log shows step `at_step` finished (a
+    SIGTERM is sent by the run itself right after that step, through the test hook of
+    msff_jax.train.preemption, so it lands at exactly that step)."""
+    if sig == signal.SIGTERM:
+        env = dict(env, MSFF_TEST_SIGTERM=f"train_step:{at_step}:self")
     process = subprocess.Popen(launch_args(config_path, workdir, *extra_args), cwd=REPO, env=env,
-                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     lines, sent = [], False
     try:
-        for line in process.stderr:
+        for line in process.stdout:
             lines.append(line)
-            match = re.search(r"\] \[(\d+)\] train/", line)
-            if not sent and match and int(match.group(1)) >= at_step:
+            if sig == signal.SIGTERM:
+                sent = sent or "test hook MSFF_TEST_SIGTERM" in line
+                continue
+            # The progress line (`step  4/12 ...`), or absl's metric line at --verbosity=0.
+            match = re.search(r"^step\s+(\d+)/\d+|\] \[(\d+)\] train/", line)
+            if not sent and match and int(match.group(1) or match.group(2)) >= at_step:
                 process.send_signal(sig)
                 sent = True
         process.wait(timeout=timeout)
@@ -155,7 +163,7 @@ def test_interrupted_run_resumes_bitwise(setup, sig):
     if os.path.isdir(checkpointing.checkpoint_dir(workdir)):
         committed = checkpointing.make_manager(workdir, load_config(setup["config"]),
                                                read_only=True).all_steps()
-    log = run_to_end(setup["config"], workdir, setup["env"])
+    log = run_to_end(setup["config"], workdir, setup["env"], "--verbosity=0")
     if committed:  # A save still being written when the kill came is not among them.
         assert f"resuming from {checkpointing.checkpoint_dir(workdir)} step {max(committed)}" in log
     params, step = final_params(setup["config"], workdir)
@@ -175,7 +183,8 @@ def test_step_saved_unevaluated_is_evaluated_on_resume(setup):
     stopped = int(re.search(r"preempted: checkpoint at step (\d+) written", log).group(1))
     assert stopped < NUM_STEPS
     # ...and with evaluations every `stopped` steps, the restored step is owed one.
-    log = run_to_end(setup["config"], workdir, setup["env"], f"--config.eval_every_steps={stopped}")
+    log = run_to_end(setup["config"], workdir, setup["env"], f"--config.eval_every_steps={stopped}",
+                     "--verbosity=0")
     assert f"step {stopped} was saved without its evaluation (preempted); evaluating it now" in log
     assert re.search(rf"\] \[{stopped}\] val/macro_f1=", log), log[-3000:]
     assert final_params(setup["config"], workdir)[1] == NUM_STEPS
@@ -240,3 +249,88 @@ def test_eval_mode_reports_a_chosen_checkpoint_and_split(setup, tmp_path):
     assert sum(map(sum, report["confusion_matrix"])) == report["num_examples"]
     assert os.path.isfile(workdir / f"eval_test_step{NUM_STEPS}_confusion_matrix.png")
     assert (workdir / "eval_results.json").read_text() == final_report
+
+
+def test_damaged_last_checkpoint_resumes_from_the_one_before(setup, tmp_path):
+    """A machine crash cut the newest checkpoint's array files short: the rerun names it
+    in a warning, moves it aside (nothing is deleted), resumes from the newest intact
+    one and still ends bitwise where the uninterrupted run did (tests/test_damaged_files.py
+    covers each kind of damage)."""
+    workdir = tmp_path / "work"
+    shutil.copytree(setup["reference"], workdir)
+    (workdir / "eval_results.json").unlink()  # As if the crash came before the final report.
+    checkpoints = workdir / "checkpoints"
+    older = max(s for s in map(int, os.listdir(checkpoints)) if s < NUM_STEPS)
+    for directory, _, files in os.walk(checkpoints / str(NUM_STEPS) / "state"):
+        if os.path.basename(directory) == "d":  # OCDBT's array data files, half written
+            for name in files:
+                os.truncate(os.path.join(directory, name), os.path.getsize(os.path.join(directory, name)) // 2)
+    log = run_to_end(setup["config"], str(workdir), setup["env"], "--verbosity=0")
+    damaged = workdir / checkpointing.DAMAGED_DIR / str(NUM_STEPS)
+    assert f"checkpoint {checkpoints}/{NUM_STEPS} cannot be restored" in log, log[-3000:]
+    assert f"moved the damaged checkpoint {checkpoints}/{NUM_STEPS} to {damaged}" in log, log[-3000:]
+    assert f"resuming from {checkpoints} step {older}" in log, log[-3000:]
+    assert os.path.isdir(damaged)
+    params, step = final_params(setup["config"], str(workdir))
+    assert step == NUM_STEPS
+    assert_bitwise_equal(params, setup["params"])
+
+
+# What a run's output must never hold: a decode worker killed by the signal, or shared
+# memory the resource tracker had to clean up.
+FAILURE_WORDS = ("Traceback", "terminated unexpectedly", "leaked", "resource_tracker")
+
+
+def run_with_sigterm(config_path, workdir, env, hook, *extra_args):
+    """One launch.py run with a decode worker, in a session of its own (so a signal to
+    its process group reaches only the run and its workers), signalled where `hook`
+    (MSFF_TEST_SIGTERM, see msff_jax.train.preemption.signal_point) says. It must exit 0
+    with clean output; returns the output."""
+    result = subprocess.run(
+        launch_args(config_path, workdir, "--config.data.worker_count=1", *extra_args), cwd=REPO,
+        env=dict(env, MSFF_TEST_SIGTERM=hook) if hook else env, capture_output=True, text=True,
+        timeout=600, start_new_session=True)
+    log = result.stdout + result.stderr
+    assert result.returncode == 0, log[-3000:]
+    for word in FAILURE_WORDS:
+        assert word not in log, log[-3000:]
+    if hook:
+        assert "test hook MSFF_TEST_SIGTERM" in log and "SIGTERM received" in log, log[-3000:]
+    return log
+
+
+def test_sigterm_in_every_phase_exits_0_and_resumes_bitwise(setup):
+    """One run signalled in one phase after another, each time exiting 0 with its decode
+    worker alive and no leaked shared memory, and the last rerun ends bitwise where the
+    uninterrupted run did. The signal goes to the whole process group (as schedulers send
+    it) except in the final report, where it goes to the trainer only."""
+    config, env = setup["config"], setup["env"]
+    workdir = str(setup["root"] / "phases")
+
+    def checkpoints():
+        return checkpointing.make_manager(workdir, load_config(config), read_only=True)
+
+    # Data start-up: the signal lands while the train decode worker starts; nothing saved.
+    log = run_with_sigterm(config, workdir, env, "first_batch::group:0.3")
+    assert "preempted before training from step 0: nothing new to save" in log, log[-3000:]
+    assert not os.path.isdir(checkpointing.checkpoint_dir(workdir)) or not checkpoints().all_steps()
+    # An evaluation starting (its worker booting): abandoned, step 5 saved unevaluated.
+    log = run_with_sigterm(config, workdir, env, "eval_start:5:group:0.3")
+    assert "val evaluation of step 5 abandoned" in log, log[-3000:]
+    assert checkpoints().latest_step() == 5 and checkpoints().metrics(5) is None
+    # A checkpoint save in flight, and a second SIGTERM during it: the resumed run first
+    # evaluates step 5, saves step 6, stops there with that save complete.
+    log = run_with_sigterm(config, workdir, env, "save:6:group,save:6:group")
+    assert "already stopping" in log, log[-3000:]
+    assert checkpoints().latest_step() == 6 and checkpoints().metrics(5) is not None
+    # The final report running (workers up, first batch in): abandoned, no report written.
+    log = run_with_sigterm(config, workdir, env, "final_report_running::self")
+    assert "rerun the same command to write the final report" in log, log[-3000:]
+    assert checkpoints().latest_step() == NUM_STEPS
+    assert not os.path.exists(os.path.join(workdir, "eval_results.json"))
+    # The rerun writes the report; the parameters are those of the uninterrupted run.
+    run_with_sigterm(config, workdir, env, None)
+    assert os.path.exists(os.path.join(workdir, "eval_results.json"))
+    params, step = final_params(config, workdir)
+    assert step == NUM_STEPS
+    assert_bitwise_equal(params, setup["params"])

@@ -5,6 +5,7 @@ import pickle
 
 import pytest
 
+import record_helpers
 from data_pipeline.records import tfrecord_format
 from data_pipeline.records.tfrecord_source import RecordCountMismatchError, TFRecordSource
 
@@ -17,7 +18,7 @@ def shard_paths(tmp_path):
     for s, records in enumerate(RECORDS):
         path = tmp_path / f"part-{s}.tfrecord"
         with open(path, "wb") as f:
-            tfrecord_format.write_records(f, records)
+            record_helpers.write_records(f, records)
         paths.append(path)
     return paths
 
@@ -37,7 +38,7 @@ def test_reads_every_record_by_global_index(shard_paths):
 
 def test_records_match_a_sequential_read(shard_paths):
     source = TFRecordSource(shard_paths)
-    sequential = [r for p in shard_paths for r in tfrecord_format.read_records(p)]
+    sequential = [r for p in shard_paths for r in record_helpers.read_records(p)]
     assert [source[i] for i in range(len(source))] == sequential
 
 
@@ -50,7 +51,7 @@ def test_bit_flip_in_data_names_shard_and_record(shard_paths):
     path.write_bytes(bytes(data))
     source = TFRecordSource(shard_paths)  # headers are intact: indexing succeeds
     assert source[5] == RECORDS[2][0]
-    with pytest.raises(tfrecord_format.TFRecordCorruptionError, match=rf"part-2\.tfrecord: record 1 .*checksum"):
+    with pytest.raises(tfrecord_format.TFRecordCorruptionError, match=r"part-2\.tfrecord: record 1 .*checksum"):
         source[6]
 
 

@@ -1,4 +1,5 @@
-"""Image ops: output contract, crop geometry, draft-mode decoding, bad bytes."""
+"""Image ops: output contract, crop geometry, draft-mode decoding of training crops,
+the exact (Pillow-only, full-size) eval transform, bad bytes."""
 
 import io
 
@@ -40,7 +41,7 @@ backends = pytest.mark.parametrize("backend", transforms.BACKENDS)
 def test_both_crops_give_uint8_rgb_of_the_requested_size(image_bytes, backend):
     rng = np.random.default_rng(0)
     train = transforms.decode_and_random_resized_crop(image_bytes, 24, rng, backend=backend)
-    evaluation = transforms.decode_resize_center_crop(image_bytes, 24, backend=backend)
+    evaluation = transforms.decode_resize_center_crop(image_bytes, 24)
     for out in (train, evaluation):
         assert out.shape == (24, 24, 3)
         assert out.dtype == np.uint8
@@ -76,10 +77,9 @@ def test_train_crop_is_a_function_of_the_rng_state(backend):
     assert not np.array_equal(a, c)
 
 
-@backends
-def test_eval_crop_is_deterministic_and_centred(backend):
-    a = transforms.decode_resize_center_crop(JPEG, 24, backend=backend)
-    np.testing.assert_array_equal(a, transforms.decode_resize_center_crop(JPEG, 24, backend=backend))
+def test_eval_crop_is_deterministic_and_centred():
+    a = transforms.decode_resize_center_crop(JPEG, 24)
+    np.testing.assert_array_equal(a, transforms.decode_resize_center_crop(JPEG, 24))
     # Short side 40 -> round(24 / 0.875) = 27, so the 60-px side becomes 40.5 and the
     # centre crop keeps the middle 24 / 40.5 of it: the red gradient is centred on 127.5.
     assert abs(float(a[..., 0].mean()) - 127.5) < 4
@@ -93,14 +93,73 @@ def test_center_crop_box_matches_resize_then_crop():
     assert (left + right) / 2 == pytest.approx(200) and (top + bottom) / 2 == pytest.approx(150)
 
 
+def test_resize_short_rounds_half_up_as_export_json_states():
+    assert transforms.eval_resize_short(224) == 256
+    assert transforms.eval_resize_short(32) == 37  # 36.57
+    assert transforms.eval_resize_short(1, 0.4) == 3  # a tie: 2.5 -> 3 (Python's round gives 2)
+    with pytest.raises(ValueError, match="crop_fraction"):
+        transforms.eval_resize_short(32, 1.5)
+
+
+def _pillow_eval(image: Image.Image, size: int) -> np.ndarray:
+    """The eval transform spelled out with Pillow calls, as export.json states it."""
+    side = size * min(image.size) / transforms.eval_resize_short(size)
+    left, top = (image.size[0] - side) / 2, (image.size[1] - side) / 2
+    return np.asarray(image.convert("RGB").resize(
+        (size, size), Image.Resampling.BILINEAR, box=(left, top, left + side, top + side), reducing_gap=None))
+
+
+@pytest.mark.parametrize("fmt,mode", [("JPEG", None), ("JPEG", "L"), ("PNG", "RGBA"), ("PNG", "P")],
+                         ids=["jpeg", "jpeg_gray", "png_rgba", "png_palette"])
+@pytest.mark.parametrize("size", [16, 32, 64])
+def test_eval_crop_is_exactly_the_stated_pillow_computation(fmt, mode, size):
+    """Full-size decode (no draft even where the crop is over 8x the output),
+    convert('RGB') before resizing (so RGBA is not alpha-premultiplied), float box."""
+    pixels = _gradient(400, 320)
+    pixels[::7] = 255 - pixels[::7]  # detail, so any resampling difference shows
+    image = Image.fromarray(pixels)
+    if mode == "RGBA":
+        image.putalpha(Image.fromarray(np.linspace(0, 255, 400 * 320).reshape(320, 400).astype(np.uint8)))
+    elif mode:
+        image = image.convert(mode)
+    buffer = io.BytesIO()
+    image.save(buffer, fmt)
+    data = buffer.getvalue()
+    expected = _pillow_eval(Image.open(io.BytesIO(data)), size)
+    np.testing.assert_array_equal(transforms.decode_resize_center_crop(data, size), expected)
+
+
+def test_eval_crop_keeps_the_high_byte_of_16_bit_grey():
+    grey = (np.arange(40 * 30).reshape(30, 40) * 50 % 65536).astype(np.uint16)
+    buffer = io.BytesIO()
+    Image.fromarray(grey).save(buffer, "PNG")
+    out = transforms.decode_resize_center_crop(buffer.getvalue(), 16)
+    expected = _pillow_eval(Image.fromarray((grey >> 8).astype(np.uint8), "L"), 16)
+    np.testing.assert_array_equal(out, expected)
+    assert out.max() < 255  # Pillow's own convert('RGB') would clip most of it at 255
+
+
+def test_eval_crop_refuses_float_images_naming_the_mode():
+    buffer = io.BytesIO()
+    Image.fromarray(np.ones((20, 20), np.float32)).save(buffer, "TIFF")
+    with pytest.raises(ValueError, match="pixel mode 'F'"):
+        transforms.decode_resize_center_crop(buffer.getvalue(), 8)
+
+
+def test_eval_preprocessing_spec_is_json_and_versioned():
+    import json
+
+    spec = json.loads(json.dumps(transforms.eval_preprocessing_spec(32)))
+    assert spec["version"] == transforms.EVAL_PREPROCESSING_VERSION
+    assert spec["resize_short"] == 37 and spec["image_size"] == 32
+    assert spec["decoder"]["reduced_decode"] is False and spec["resize"]["antialias"] is True
+
+
 @backends
-@pytest.mark.parametrize("crop", ["train", "eval"])
-def test_reduced_decode_keeps_size_and_nearly_the_pixels(crop, backend):
+def test_reduced_decode_keeps_size_and_nearly_the_pixels(backend):
     def run(reduced):
-        if crop == "train":
-            return transforms.decode_and_random_resized_crop(
-                BIG_JPEG, 32, np.random.default_rng(3), scale=(0.9, 1.0), reduced_decode=reduced, backend=backend)
-        return transforms.decode_resize_center_crop(BIG_JPEG, 32, reduced_decode=reduced, backend=backend)
+        return transforms.decode_and_random_resized_crop(
+            BIG_JPEG, 32, np.random.default_rng(3), scale=(0.9, 1.0), reduced_decode=reduced, backend=backend)
 
     full, draft = run(False), run(True)
     assert draft.shape == full.shape == (32, 32, 3)
@@ -108,14 +167,14 @@ def test_reduced_decode_keeps_size_and_nearly_the_pixels(crop, backend):
 
 
 def test_backends_agree_closely():
-    pil = transforms.decode_resize_center_crop(BIG_JPEG, 64, backend="pil")
-    opencv = transforms.decode_resize_center_crop(BIG_JPEG, 64, backend="cv2")
+    pil = transforms.decode_and_random_resized_crop(BIG_JPEG, 64, np.random.default_rng(5), backend="pil")
+    opencv = transforms.decode_and_random_resized_crop(BIG_JPEG, 64, np.random.default_rng(5), backend="cv2")
     assert np.abs(pil.astype(int) - opencv.astype(int)).mean() < 4
 
 
 def test_unknown_backend_is_refused():
     with pytest.raises(ValueError, match="unknown image backend"):
-        transforms.decode_resize_center_crop(JPEG, 16, backend="magick")
+        transforms.decode_and_random_resized_crop(JPEG, 16, np.random.default_rng(0), backend="magick")
 
 
 def test_cv2_decodes_big_jpegs_at_reduced_scale(monkeypatch):
@@ -128,8 +187,10 @@ def test_cv2_decodes_big_jpegs_at_reduced_scale(monkeypatch):
         return pixels
 
     monkeypatch.setattr(transforms, "_decode_cv2_backend", spying_decode)
-    transforms.decode_resize_center_crop(BIG_JPEG, 32, backend="cv2")
-    transforms.decode_resize_center_crop(BIG_JPEG, 224, backend="cv2")
+    # A box over 90% of the area: at least 293 px each way.
+    for size in (32, 224):
+        transforms.decode_and_random_resized_crop(BIG_JPEG, size, np.random.default_rng(0),
+                                                  scale=(0.9, 1.0), backend="cv2")
     assert decoded_shapes == [(40, 50, 3), (320, 400, 3)]
 
 
@@ -171,7 +232,7 @@ def test_data_simplejpeg_refuses_goes_to_opencv(monkeypatch):
     assert calls == [1, 1]  # A header claiming over 2**30 pixels: OpenCV's cap applies.
 
 
-def test_pil_draft_decodes_big_jpegs_at_reduced_scale(monkeypatch):
+def test_pil_draft_decodes_big_jpegs_at_reduced_scale_for_training_only(monkeypatch):
     from PIL import JpegImagePlugin
 
     decoded_sizes = []
@@ -183,8 +244,11 @@ def test_pil_draft_decodes_big_jpegs_at_reduced_scale(monkeypatch):
         return result
 
     monkeypatch.setattr(JpegImagePlugin.JpegImageFile, "draft", spying_draft)
-    transforms.decode_resize_center_crop(BIG_JPEG, 32, backend="pil")  # 276-px box: 1/8 suffices
-    transforms.decode_resize_center_crop(BIG_JPEG, 224, backend="pil")  # 280-px box: no draft
+    for size in (32, 224):  # >= 293-px box: 1/8 suffices for 32, no draft for 224
+        transforms.decode_and_random_resized_crop(BIG_JPEG, size, np.random.default_rng(0),
+                                                  scale=(0.9, 1.0), backend="pil")
+    assert decoded_sizes == [(50, 40)]
+    transforms.decode_resize_center_crop(BIG_JPEG, 32)  # 276-px box, yet decoded at full size
     assert decoded_sizes == [(50, 40)]
 
 
@@ -203,7 +267,7 @@ def test_undecodable_bytes_raise_value_error(bad, backend):
     with pytest.raises(ValueError, match="cannot decode image"):
         transforms.decode_and_random_resized_crop(bad, 16, np.random.default_rng(0), backend=backend)
     with pytest.raises(ValueError, match="cannot decode image"):
-        transforms.decode_resize_center_crop(bad, 16, backend=backend)
+        transforms.decode_resize_center_crop(bad, 16)
 
 
 @pytest.mark.parametrize("image_bytes", [
@@ -226,12 +290,18 @@ def test_header_size_is_none_when_unknown(bad):
     assert transforms.header_size(bad) is None
 
 
-def test_exif_orientation_is_ignored_by_both_backends():
+def test_exif_orientation_is_ignored_by_both_crops():
     image = Image.fromarray(_gradient(80, 40))
     exif = image.getexif()
     exif[0x0112] = 6  # "rotate 90 degrees to display"
     buffer = io.BytesIO()
     image.save(buffer, "JPEG", quality=95, exif=exif)
-    pil = transforms.decode_resize_center_crop(buffer.getvalue(), 32, backend="pil")
-    opencv = transforms.decode_resize_center_crop(buffer.getvalue(), 32, backend="cv2")
+    data = buffer.getvalue()
+    stored = Image.open(io.BytesIO(data))
+    assert stored.size == (80, 40)
+    np.testing.assert_array_equal(transforms.decode_resize_center_crop(data, 32), _pillow_eval(stored, 32))
+    pil, opencv = (transforms.decode_and_random_resized_crop(data, 32, np.random.default_rng(2), backend=b)
+                   for b in ("pil", "cv2"))
     assert np.abs(pil.astype(int) - opencv.astype(int)).mean() < 4
+    # Landscape pixels as stored: the red gradient runs along the output's width.
+    assert pil[:, -1, 0].mean() > pil[:, 0, 0].mean() + 60

@@ -1,6 +1,7 @@
 """Converts the DeepFashion Category benchmark into TFRecord shards and a manifest.
 
-    python -m data_pipeline.conversion.deepfashion --deepfashion_dir DIR --output_dir OUT
+    msff-convert --deepfashion_dir DIR --output_dir OUT
+    (or python -m data_pipeline.conversion.deepfashion ...; --help lists the flags)
 
 DIR holds `Anno/` (or `Anno_coarse/`), `Eval/` and `Img/` as downloaded by hand from
 the DeepFashion site. The defaults reproduce our reading of the paper's protocol: the
@@ -12,16 +13,17 @@ with its annotation line, and not hours into training.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import io
 import os
 import sys
 from typing import Optional, Sequence
 
+from absl import flags
 from PIL import Image
 
 from data_pipeline.records import example_codec
+from msff_jax import console
 from data_pipeline.conversion import selection
 from data_pipeline.conversion import shard_writer
 from data_pipeline.conversion.annotations import load_annotations
@@ -171,45 +173,72 @@ def _bbox_tuple(annotations, path: str) -> tuple[int, int, int, int]:
     return (box.x1, box.y1, box.x2, box.y2)
 
 
-def _parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m data_pipeline.conversion.deepfashion", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--deepfashion_dir", required=True, help="folder holding Anno/ (or Anno_coarse/), Eval/, Img/")
-    parser.add_argument("--output_dir", required=True,
-                        help="gets the shards and manifest.json; shard-named files of other runs there are replaced")
-    parser.add_argument("--categories", default=None,
-                        help="comma-separated category names, in label order (default: the 15 most frequent)")
-    parser.add_argument("--max_images", type=int, default=50000, help="total images (default 50000); 0: all with proportional sampling, "
-                        "as many as balance allows with balanced")
-    parser.add_argument("--sampling", choices=("balanced", "proportional"), default="balanced",
-                        help="balanced: equal images per class (error if one lacks them); proportional: as in the data")
-    parser.add_argument("--split", default="8:1:1", help="train:val:test ratios grouped by product folder, or 'official'")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--crop_to_bbox", action="store_true", help="crop to list_bbox.txt's box (re-encodes JPEG)")
-    parser.add_argument("--bbox_margin", type=float, default=0.1, help="margin around the box, fraction of its size")
-    parser.add_argument("--resize_to", type=int, default=0, help="resize so the long side is N px (re-encodes JPEG)")
-    parser.add_argument("--shard_size_mb", type=float, default=128)
-    parser.add_argument("--on_bad_image", choices=("error", "skip"), default="error",
-                        help="skip: leave out missing or broken images, count them and list them in the manifest")
-    parser.add_argument("--num_workers", type=int, default=None, help="image workers (default: every core)")
-    return parser.parse_args(argv)
+PROGRAM = "msff-convert"
+
+# Its own FlagValues: the converters' flags never clash with each other's in one process.
+FLAGS = flags.FlagValues()
+flags.DEFINE_string("deepfashion_dir", None, "Folder holding Anno/ (or Anno_coarse/), Eval/, Img/.",
+                    flag_values=FLAGS)
+flags.DEFINE_string("output_dir", None, "Gets the shards and manifest.json; shard-named files of "
+                    "other runs there are replaced.", flag_values=FLAGS)
+flags.DEFINE_string("categories", None, "Comma-separated category names, in label order "
+                    "(default: the 15 most frequent).", flag_values=FLAGS)
+flags.DEFINE_integer("max_images", 50000, "Total images; 0: all with proportional sampling, as "
+                     "many as balance allows with balanced.", lower_bound=0, flag_values=FLAGS)
+flags.DEFINE_enum("sampling", "balanced", ("balanced", "proportional"), "balanced: equal images "
+                  "per class (error if one lacks them); proportional: as in the data.",
+                  flag_values=FLAGS)
+flags.DEFINE_string("split", "8:1:1", "train:val:test ratios grouped by product folder, or "
+                    "'official'.", flag_values=FLAGS)
+flags.DEFINE_integer("seed", 0, "Sampling and split seed.", flag_values=FLAGS)
+flags.DEFINE_bool("crop_to_bbox", False, "Crop to list_bbox.txt's box (re-encodes JPEG).",
+                  flag_values=FLAGS)
+flags.DEFINE_float("bbox_margin", 0.1, "Margin around the box, fraction of its size.",
+                   flag_values=FLAGS)
+flags.DEFINE_integer("resize_to", 0, "Resize so the long side is N px (re-encodes JPEG).",
+                     lower_bound=0, flag_values=FLAGS)
+flags.DEFINE_float("shard_size_mb", 128, "Target shard size.", lower_bound=0.001, flag_values=FLAGS)
+flags.DEFINE_enum("on_bad_image", "error", ("error", "skip"), "skip: leave out missing or broken "
+                  "images, count them and list them in the manifest.", flag_values=FLAGS)
+flags.DEFINE_integer("num_workers", None, "Image workers (default: every core).", lower_bound=1,
+                     flag_values=FLAGS)
+flags.mark_flags_as_required(["deepfashion_dir", "output_dir"], flag_values=FLAGS)
+console.define_common_flags(FLAGS)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    args = _parse_args(argv)
-    try:
-        manifest = convert(
-            args.deepfashion_dir, args.output_dir,
-            categories=[c.strip() for c in args.categories.split(",") if c.strip()] if args.categories else None,
-            max_images=args.max_images, sampling=args.sampling, split=args.split, seed=args.seed,
-            crop_to_bbox=args.crop_to_bbox, bbox_margin=args.bbox_margin, resize_to=args.resize_to,
-            shard_size_mb=args.shard_size_mb, on_bad_image=args.on_bad_image, num_workers=args.num_workers)
-    except ValueError as err:  # AnnotationError, SelectionError, BadImageError
-        print(f"error: {err}", file=sys.stderr)
-        return 1
-    counts = ", ".join(f"{name} {s['num_examples']}" for name, s in manifest["splits"].items())
-    print(f"wrote {args.output_dir}/manifest.json: {len(manifest['class_names'])} classes; {counts}")
-    return 0
+    """argv without the program name; returns the exit status (a mistake in the data or
+    the flags is one `error:` line)."""
+    rest = console.parse_flags(FLAGS, argv, program=PROGRAM, doc=__doc__.split("\n\n")[0])
+    if rest:
+        console.error_line(f"unexpected arguments {rest}; flags take the form --name=value")
+        return console.EXIT_USAGE
+    console.setup_logging(FLAGS.verbosity)
+
+    def body() -> int:
+        try:
+            manifest = convert(
+                FLAGS.deepfashion_dir, FLAGS.output_dir,
+                categories=([c.strip() for c in FLAGS.categories.split(",") if c.strip()]
+                            if FLAGS.categories else None),
+                max_images=FLAGS.max_images, sampling=FLAGS.sampling, split=FLAGS.split,
+                seed=FLAGS.seed, crop_to_bbox=FLAGS.crop_to_bbox, bbox_margin=FLAGS.bbox_margin,
+                resize_to=FLAGS.resize_to, shard_size_mb=FLAGS.shard_size_mb,
+                on_bad_image=FLAGS.on_bad_image, num_workers=FLAGS.num_workers,
+                progress=sys.stderr.isatty())
+        except ValueError as err:  # AnnotationError, SelectionError, BadImageError
+            raise console.UserError(str(err)) from err
+        counts = ", ".join(f"{name} {s['num_examples']}" for name, s in manifest["splits"].items())
+        print(f"wrote {FLAGS.output_dir}/manifest.json: {len(manifest['class_names'])} classes; {counts}")
+        return 0
+
+    return console.guarded(body, show_traceback=FLAGS.show_traceback)
+
+
+def run() -> None:
+    """Console entry point: `msff-convert`."""
+    sys.exit(main(sys.argv[1:]))
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run()

@@ -6,12 +6,12 @@ They are upscaled to `image_size`, copied to three channels and stored as lossle
 in the same TFRecord shards and manifest the DeepFashion converter writes, so the
 reader, the training loop and the evaluation run unchanged.
 
-    python -m data_pipeline.conversion.digits --output_dir DIR [--image_size 32] [--seed 0]
+    msff-digits --output_dir DIR [--image_size 32] [--seed 0]
+    (or python -m data_pipeline.conversion.digits ...)
 """
 
 from __future__ import annotations
 
-import argparse
 import functools
 import io
 import os
@@ -19,10 +19,12 @@ import sys
 from typing import Optional, Sequence
 
 import numpy as np
+from absl import flags
 from PIL import Image
 
 from data_pipeline.records import example_codec
 from data_pipeline.conversion import shard_writer
+from msff_jax import console
 
 CLASS_NAMES = [str(d) for d in range(10)]
 SPLIT_FRACTIONS = {"train": 0.70, "val": 0.15, "test": 0.15}
@@ -85,17 +87,38 @@ def write_digits_shards(output_dir: str | os.PathLike, image_size: int = 32, see
     return manifest
 
 
+PROGRAM = "msff-digits"
+
+FLAGS = flags.FlagValues()
+flags.DEFINE_string("output_dir", None, "Gets the shards and manifest.json.", flag_values=FLAGS)
+flags.DEFINE_integer("image_size", 32, "Side in pixels (at least 8).", lower_bound=8, flag_values=FLAGS)
+flags.DEFINE_integer("seed", 0, "Split seed.", flag_values=FLAGS)
+flags.mark_flag_as_required("output_dir", flag_values=FLAGS)
+console.define_common_flags(FLAGS)
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m data_pipeline.conversion.digits", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--output_dir", required=True)
-    parser.add_argument("--image_size", type=int, default=32)
-    parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args(argv)
-    manifest = write_digits_shards(args.output_dir, args.image_size, args.seed, progress=True)
-    counts = ", ".join(f"{name} {s['num_examples']}" for name, s in manifest["splits"].items())
-    print(f"wrote {args.output_dir}/manifest.json: {counts}")
-    return 0
+    """argv without the program name; returns the exit status."""
+    rest = console.parse_flags(FLAGS, argv, program=PROGRAM, doc=__doc__.split("\n\n")[0])
+    if rest:
+        console.error_line(f"unexpected arguments {rest}; flags take the form --name=value")
+        return console.EXIT_USAGE
+    console.setup_logging(FLAGS.verbosity)
+
+    def body() -> int:
+        manifest = write_digits_shards(FLAGS.output_dir, FLAGS.image_size, FLAGS.seed,
+                                       progress=sys.stderr.isatty())
+        counts = ", ".join(f"{name} {s['num_examples']}" for name, s in manifest["splits"].items())
+        print(f"wrote {FLAGS.output_dir}/manifest.json: {counts}")
+        return 0
+
+    return console.guarded(body, show_traceback=FLAGS.show_traceback)
+
+
+def run() -> None:
+    """Console entry point: `msff-digits`."""
+    sys.exit(main(sys.argv[1:]))
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run()

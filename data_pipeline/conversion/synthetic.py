@@ -1,6 +1,7 @@
 """A miniature DeepFashion, in exactly the real on-disk format, with learnable images.
 
-    python -m data_pipeline.conversion.synthetic --output_dir DIR --num_images N [--seed S] [--image_size 300]
+    msff-synthetic --output_dir DIR --num_images N [--seed S] [--image_size 300]
+    (or python -m data_pipeline.conversion.synthetic ...)
 
 The real benchmark cannot be downloaded by code, so the demo and the tests use this.
 The files mimic the real ones down to the awkward parts: a count on line 1 and column
@@ -19,7 +20,6 @@ frequent ones here too, in the real frequency order, for `num_images >= 120`.
 
 from __future__ import annotations
 
-import argparse
 import colorsys
 import os
 import pathlib
@@ -28,7 +28,10 @@ import zlib
 from typing import Optional, Sequence
 
 import numpy as np
+from absl import flags
 from PIL import Image, ImageDraw
+
+from msff_jax import console
 
 # The 50 categories of list_category_cloth.txt, in file order, with their types
 # (1 upper-body, 2 lower-body, 3 full-body).
@@ -263,17 +266,37 @@ def generate(output_dir: str | os.PathLike, num_images: int, seed: int = 0, *, i
     return root
 
 
+PROGRAM = "msff-synthetic"
+
+FLAGS = flags.FlagValues()
+flags.DEFINE_string("output_dir", None, "Gets Anno/, Eval/ and Img/.", flag_values=FLAGS)
+flags.DEFINE_integer("num_images", None, "How many images.", lower_bound=1, flag_values=FLAGS)
+flags.DEFINE_integer("seed", 0, "Random seed.", flag_values=FLAGS)
+flags.DEFINE_integer("image_size", 300, "Long side in pixels (real images: 300).", lower_bound=8,
+                     flag_values=FLAGS)
+flags.mark_flags_as_required(["output_dir", "num_images"], flag_values=FLAGS)
+console.define_common_flags(FLAGS)
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m data_pipeline.conversion.synthetic", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--output_dir", required=True)
-    parser.add_argument("--num_images", type=int, required=True)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--image_size", type=int, default=300, help="long side in pixels (real images: 300)")
-    args = parser.parse_args(argv)
-    root = generate(args.output_dir, args.num_images, args.seed, image_size=args.image_size)
-    print(f"wrote a synthetic DeepFashion of {args.num_images} images to {root}")
-    return 0
+    """argv without the program name; returns the exit status."""
+    rest = console.parse_flags(FLAGS, argv, program=PROGRAM, doc=__doc__.split("\n\n")[0])
+    if rest:
+        console.error_line(f"unexpected arguments {rest}; flags take the form --name=value")
+        return console.EXIT_USAGE
+
+    def body() -> int:
+        root = generate(FLAGS.output_dir, FLAGS.num_images, FLAGS.seed, image_size=FLAGS.image_size)
+        print(f"wrote a synthetic DeepFashion of {FLAGS.num_images} images to {root}")
+        return 0
+
+    return console.guarded(body, show_traceback=FLAGS.show_traceback)
+
+
+def run() -> None:
+    """Console entry point: `msff-synthetic`."""
+    sys.exit(main(sys.argv[1:]))
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run()

@@ -11,6 +11,9 @@ training *consumed*, not of the last one prefetched; grain's
 and reports the state of the element last returned, which is exactly that.
 (`grain.experimental.device_put` uses `jax.device_put`, which on several hosts would
 treat each host's slice as the whole batch, so it is not used here.)
+
+The sharding always comes from the caller (the trainer's `mesh.batch_sharding`): this
+package places batches where it is told and knows nothing of the mesh's axes.
 """
 
 from __future__ import annotations
@@ -21,11 +24,6 @@ from typing import Any
 import grain
 import jax
 import numpy as np
-
-
-def batch_sharding(mesh: jax.sharding.Mesh, axis_name: str | tuple[str, ...] = "data") -> jax.sharding.NamedSharding:
-    """Sharding that splits axis 0 (the batch) over `axis_name` and replicates the rest."""
-    return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(axis_name))
 
 
 def to_global_batch(local_batch: dict[str, np.ndarray], sharding: jax.sharding.Sharding) -> dict[str, jax.Array]:

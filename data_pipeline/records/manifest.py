@@ -22,7 +22,18 @@ class ManifestError(ValueError):
 
 
 class ShardChecksumError(ValueError):
-    """A shard's SHA-256 differs from the one recorded in the manifest."""
+    """A shard's SHA-256 differs from the one recorded in the manifest; `path` is the shard."""
+
+    def __init__(self, message: str, path: str = ""):
+        super().__init__(message)
+        self.path = path
+
+    def __reduce__(self):  # Travels intact from grain's worker processes.
+        return type(self), (str(self), self.path)
+
+
+class MissingShardError(FileNotFoundError):
+    """Shard files the manifest lists are not on disk."""
 
 
 def _require(mapping, key: str, kind: type, where: str, path: str):
@@ -107,19 +118,30 @@ def file_sha256(path: str | os.PathLike) -> str:
     return digest.hexdigest()
 
 
+def check_shards_exist(data_dir: str | os.PathLike, split: str, manifest: dict) -> None:
+    """Raises `MissingShardError` listing every shard of `split` that is not a file: all
+    of them at once, so one rerun of the copy fixes them all."""
+    paths = shard_paths(data_dir, manifest, split)
+    missing = [p for p in paths if not os.path.isfile(p)]
+    if missing:
+        where = os.path.join(os.fspath(data_dir), MANIFEST_NAME)
+        raise MissingShardError(
+            f"{where}: split {split!r} lists {len(paths)} shard files and {len(missing)} of them "
+            f"are missing: {', '.join(missing)}; copy them back or re-run the conversion "
+            "(which writes the shards and a matching manifest.json)")
+
+
 def verify_split_checksums(
     data_dir: str | os.PathLike, split: str, manifest: dict | None = None
 ) -> None:
     """Raises `ShardChecksumError` naming the first shard whose SHA-256 is not the
-    manifest's (or `FileNotFoundError` for a missing shard)."""
+    manifest's (or `MissingShardError` for missing shards)."""
     manifest = load_manifest(data_dir) if manifest is None else manifest
+    check_shards_exist(data_dir, split, manifest)
     for shard in split_info(manifest, split, data_dir)["shards"]:
         path = os.path.join(os.fspath(data_dir), shard["file"])
-        if not os.path.isfile(path):
-            raise FileNotFoundError(f"shard listed in the manifest is missing: {path}")
         actual = file_sha256(path)
         if actual != shard["sha256"].lower():
             raise ShardChecksumError(
                 f"{path}: SHA-256 {actual} does not match the manifest's {shard['sha256']} "
-                "(the shard was modified or damaged after conversion)"
-            )
+                "(the shard was modified or damaged after conversion)", path)

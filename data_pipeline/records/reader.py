@@ -23,10 +23,14 @@ number of identically shaped batches.
 
 from __future__ import annotations
 
+import atexit
 import dataclasses
+import gc
 import math
 import os
 import signal
+import threading
+import weakref
 from collections.abc import Sequence
 
 import grain
@@ -34,12 +38,13 @@ import numpy as np
 
 from data_pipeline.records import example_codec
 from data_pipeline.records import transforms
-from data_pipeline.records.manifest import load_manifest, shard_paths, split_info, verify_split_checksums
-from data_pipeline.records.tfrecord_source import TFRecordSource
+from data_pipeline.records import manifest as manifest_lib
+from data_pipeline.records.manifest import load_manifest, shard_paths, split_info
+from data_pipeline.records.tfrecord_format import TFRecordCorruptionError
+from data_pipeline.records.tfrecord_source import TFRecordSource, file_identity
 
 __all__ = [
     "SplitInfo",
-    "describe_split",
     "load_manifest",
     "make_eval_iterator",
     "make_train_iterator",
@@ -65,28 +70,73 @@ class SplitInfo:
         return len(self.class_names)
 
 
-def describe_split(data_dir: str | os.PathLike, split: str) -> SplitInfo:
-    manifest = load_manifest(data_dir)
-    info = split_info(manifest, split, data_dir)
-    return SplitInfo(num_examples=info["num_examples"], class_names=tuple(manifest["class_names"]))
+# Splits already opened in this process: (real data_dir, split) -> (manifest identity,
+# checksums verified, source, info). Evaluation builds its iterator again every time;
+# this keeps it from re-reading the manifest and re-hashing the shards each time.
+_OPENED: dict[tuple[str, str], tuple] = {}
+_OPENED_LOCK = threading.Lock()
 
 
-def open_split(
-    data_dir: str | os.PathLike, split: str, *, verify_checksums: bool = True
-) -> tuple[TFRecordSource, SplitInfo]:
-    """Validates the manifest (and, optionally, the shards' SHA-256), indexes the
-    split's shards and checks their record counts against the manifest."""
+def _manifest_identity(data_dir: str) -> tuple | None:
+    try:
+        return file_identity(os.stat(os.path.join(data_dir, manifest_lib.MANIFEST_NAME)))
+    except OSError:
+        return None
+
+
+def _open_split_uncached(data_dir: str, split: str, verify_checksums: bool) -> tuple[TFRecordSource, SplitInfo]:
+    """The start-up checks, cheapest first: manifest, every shard present, every record
+    header (length CRC, truncation) and count, then (optionally) each shard's SHA-256."""
     manifest = load_manifest(data_dir)
     info = split_info(manifest, split, data_dir)
-    if verify_checksums:
-        verify_split_checksums(data_dir, split, manifest)
+    manifest_lib.check_shards_exist(data_dir, split, manifest)
     source = TFRecordSource(
         shard_paths(data_dir, manifest, split),
         expected_num_records=[shard["num_records"] for shard in info["shards"]],
     )
     if len(source) == 0:
-        raise ValueError(f"split {split!r} in {os.fspath(data_dir)!r} has no examples")
+        raise ValueError(f"split {split!r} in {data_dir!r} has no examples")
+    if verify_checksums:
+        try:
+            manifest_lib.verify_split_checksums(data_dir, split, manifest)
+        except manifest_lib.ShardChecksumError as err:
+            try:  # Name the damaged record too, when a record's CRC shows it.
+                source.check_shard(err.path)
+            except TFRecordCorruptionError as damaged:
+                raise manifest_lib.ShardChecksumError(f"{err}; the first damaged record: {damaged}",
+                                                      err.path) from None
+            raise manifest_lib.ShardChecksumError(
+                f"{err}; every record in it passes its CRC, so it is a whole shard from another "
+                "conversion than manifest.json: re-run the conversion, or put back the matching "
+                "manifest.json", err.path) from None
     return source, SplitInfo(num_examples=len(source), class_names=tuple(manifest["class_names"]))
+
+
+def open_split(
+    data_dir: str | os.PathLike, split: str, *, verify_checksums: bool = True
+) -> tuple[TFRecordSource, SplitInfo]:
+    """Validates the manifest, checks that every shard is there, indexes the shards
+    (record headers and counts against the manifest) and, with `verify_checksums`,
+    compares each shard's SHA-256 with the manifest's; errors name the file (and record).
+
+    The result is kept for this process and returned again while the manifest and every
+    shard are the same files (device, inode, size, times); a file replaced or rewritten
+    since is opened and checked afresh, never read through the old index.
+    """
+    data_dir = os.path.realpath(os.fspath(data_dir))
+    key = (data_dir, split)
+    with _OPENED_LOCK:
+        opened = _OPENED.get(key)
+    if opened is not None:
+        manifest_identity, verified, source, info = opened
+        if (manifest_identity == _manifest_identity(data_dir) and (verified or not verify_checksums)
+                and source.unchanged()):
+            return source, info
+    manifest_identity = _manifest_identity(data_dir)
+    source, info = _open_split_uncached(data_dir, split, verify_checksums)
+    with _OPENED_LOCK:
+        _OPENED[key] = (manifest_identity, verify_checksums, source, info)
+    return source, info
 
 
 def _default_process(process_index: int | None, process_count: int | None) -> tuple[int, int]:
@@ -167,7 +217,6 @@ class _EvalExample:
     source: TFRecordSource
     num_classes: int
     image_size: int
-    backend: str
 
     def __call__(self, record_index: int) -> dict:
         record_index = int(record_index)
@@ -179,9 +228,8 @@ class _EvalExample:
             }
         example = _decode_record(self.source, record_index, self.num_classes)
         try:
-            image = transforms.decode_resize_center_crop(
-                example[example_codec.IMAGE_ENCODED], self.image_size, backend=self.backend
-            )
+            # The one eval transform (no backend): predict and export.json reproduce it.
+            image = transforms.decode_resize_center_crop(example[example_codec.IMAGE_ENCODED], self.image_size)
         except ValueError as err:
             raise _image_error(self.source, record_index, err) from err
         return {"image": image, "label": np.int32(example[example_codec.CLASS_LABEL]), "mask": np.bool_(True)}
@@ -197,18 +245,76 @@ def _ensure_absl_flags_parsed() -> None:
 
 
 def _worker_ignores_sigterm(worker_index: int, worker_count: int) -> None:
-    """Decode workers leave SIGTERM to the training process.
+    """Decode workers leave SIGTERM and SIGINT to the training process.
 
-    A scheduler's preemption signal often reaches the whole process group (SLURM,
-    `kill -TERM -PGID`, container stops). A worker killed by it makes the trainer's next
-    `next()` raise before the trainer has saved its preemption checkpoint; ignoring it
-    here lets the trainer save and then shut its workers down itself. A signal in the
-    second or so between a worker's start and this call still ends that worker, and the
-    run with it: at start-up, after a restore, or while an evaluation starts its own
-    workers. The run then resumes from its last checkpoint.
+    A scheduler's preemption signal (and a terminal's Ctrl-C) often reaches the whole
+    process group. A worker killed by it makes the trainer's next `next()` raise before
+    the trainer has saved; ignoring it lets the trainer save and then stop its workers
+    itself. A trainer that blocked SIGTERM before starting any thread
+    (`msff_jax.train.preemption.install`) has its workers born with it blocked, which
+    covers the moments before this call; a blocked signal pending here is discarded.
     """
     del worker_index, worker_count
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+# Every iterator with worker processes that is still open, so that `shutdown` can stop
+# them on any way out of the program.
+_open_worker_iterators: weakref.WeakSet = weakref.WeakSet()
+_shutdown_registered = False
+
+
+class _WorkerIterDataset(grain.IterDataset):
+    """`mp_prefetch`'s dataset whose iterators are recorded for `shutdown`."""
+
+    def __iter__(self):
+        global _shutdown_registered
+        iterator = self._parent.__iter__()
+        _open_worker_iterators.add(iterator)
+        if not _shutdown_registered:
+            # atexit runs the last registered first: before multiprocessing's own exit
+            # handler, which would otherwise stop the shared-memory deletion pool first.
+            atexit.register(shutdown)
+            _shutdown_registered = True
+        return iterator
+
+
+def release_shared_memory() -> None:
+    """Frees now the shared-memory blocks of batches nobody holds any more.
+
+    grain hands batches over from worker processes in shared memory, freed when the
+    array is garbage: some only by the cycle collector (a finished iterator's
+    StopIteration keeps the last batches in its traceback), and the rest by a deletion
+    thread pool. Blocks still unfreed when the program exits are reported by
+    multiprocessing's resource tracker as "leaked shared_memory". This collects the
+    cycles and waits until the pool (one thread, first in first out) has done what it
+    was given.
+    """
+    gc.collect()
+    from grain._src.python.ipc import shared_memory_array
+
+    pool = getattr(shared_memory_array.SharedMemoryArray, "_del_thread_pool", None)
+    if pool is not None:
+        try:
+            pool.apply(int)
+        except ValueError:  # The pool was already stopped.
+            pass
+
+
+def shutdown() -> None:
+    """Stops every reader iterator's decode workers that is still open, then frees its
+    shared memory, leaving none for the resource tracker to report. Runs at exit (on
+    every way out, failures included); safe to call at any time, any number of times."""
+    for iterator in list(_open_worker_iterators):
+        try:
+            iterator.close()
+        except Exception:  # noqa: BLE001, S110 - best effort at exit; the rest still close.
+            pass
+    release_shared_memory()
+    from grain._src.python.ipc import shared_memory_array
+
+    shared_memory_array.SharedMemoryArray._disable_async_del()  # Later deletions: at once.
 
 
 def _to_iter_dataset(
@@ -228,6 +334,7 @@ def _to_iter_dataset(
             grain.MultiprocessingOptions(num_workers=worker_count, per_worker_buffer_size=prefetch_buffer),
             worker_init_fn=_worker_ignores_sigterm,
         )
+        it = _WorkerIterDataset(it)
     return it
 
 
@@ -341,7 +448,6 @@ def make_eval_iterator(
     worker_count: int = 0,
     read_threads: int = 2,
     prefetch_buffer: int = 2,
-    image_backend: str = transforms.DEFAULT_BACKEND,
     verify_checksums: bool = True,
 ) -> grain.IterDataset:
     """Finite, re-iterable eval dataset of `{'image', 'label', 'mask'}` batches.
@@ -358,8 +464,7 @@ def make_eval_iterator(
     ds = (
         grain.MapDataset.range(padded)
         .slice(slice(process_index, None, process_count))
-        .map(_EvalExample(source=source, num_classes=len(info.class_names), image_size=image_size,
-                          backend=image_backend))
+        .map(_EvalExample(source=source, num_classes=len(info.class_names), image_size=image_size))
         .batch(local_batch, drop_remainder=True)
     )
     return _to_iter_dataset(ds, worker_count=worker_count, read_threads=read_threads, prefetch_buffer=prefetch_buffer)

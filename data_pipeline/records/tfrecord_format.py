@@ -5,17 +5,18 @@ Each record on disk is
     uint64 length (little-endian) | uint32 masked_crc32c(length bytes)
     | data[length]                | uint32 masked_crc32c(data)
 
-Readers here verify both checksums, so a truncated or bit-flipped shard is reported
-(file, record index, byte offset) instead of feeding garbage to training. Random access
-works from an offset index: `index_records` scans the headers once (reading only 12
-bytes per record), `read_record_at` then fetches and verifies any one record.
+This module is the one place both checksums are computed and checked, so a truncated or
+bit-flipped shard is reported (file, record index, byte offset) instead of feeding
+garbage to training, whoever reads it. Random access works from an offset index:
+`index_records` scans the headers once (12 bytes per record), and `check_record`
+verifies the bytes that follow any one header when that record is read.
 """
 
 from __future__ import annotations
 
 import os
 import struct
-from typing import BinaryIO, Iterable, Iterator
+from typing import BinaryIO
 
 import google_crc32c
 
@@ -42,16 +43,9 @@ def frame_record(data: bytes) -> bytes:
     return length + struct.pack("<I", masked_crc32c(length)) + data + _FOOTER.pack(masked_crc32c(data))
 
 
-def write_records(stream: BinaryIO, records: Iterable[bytes]) -> int:
-    """Writes framed records to an open binary stream; returns how many."""
-    count = 0
-    for record in records:
-        stream.write(frame_record(record))
-        count += 1
-    return count
-
-
-def _corrupt(path, index: int, offset: int, what: str) -> TFRecordCorruptionError:
+def corruption(path, index: int, offset: int, what: str) -> TFRecordCorruptionError:
+    """The error for record `index` (header at byte `offset`) of `path`: every message
+    about a damaged record has this form, so users can find the record."""
     return TFRecordCorruptionError(f"{os.fspath(path)}: record {index} at byte {offset}: {what}")
 
 
@@ -61,44 +55,26 @@ def _read_header(stream: BinaryIO, path, index: int, offset: int, file_size: int
     if not header:
         return None
     if len(header) < HEADER_SIZE:
-        raise _corrupt(path, index, offset, f"file ends inside the record header ({len(header)} of {HEADER_SIZE} bytes)")
+        raise corruption(path, index, offset,
+                         f"file ends inside the record header ({len(header)} of {HEADER_SIZE} bytes): truncated")
     length, length_crc = _HEADER.unpack(header)
     if masked_crc32c(header[:8]) != length_crc:
-        raise _corrupt(path, index, offset, "length checksum mismatch (corrupted header)")
+        raise corruption(path, index, offset, "length checksum mismatch (corrupted header)")
     if offset + HEADER_SIZE + length + FOOTER_SIZE > file_size:
-        raise _corrupt(path, index, offset, f"record of {length} bytes runs past the end of the file ({file_size} bytes): truncated")
+        raise corruption(path, index, offset,
+                         f"record of {length} bytes runs past the end of the file ({file_size} bytes): truncated")
     return length
 
 
-def _read_body(stream: BinaryIO, length: int, path, index: int, offset: int) -> bytes:
-    data = stream.read(length)
-    footer = stream.read(FOOTER_SIZE)
-    if len(data) != length or len(footer) != FOOTER_SIZE:
-        raise _corrupt(path, index, offset, "file ends inside the record: truncated")
-    if masked_crc32c(data) != _FOOTER.unpack(footer)[0]:
-        raise _corrupt(path, index, offset, "data checksum mismatch (corrupted record)")
-    return data
-
-
-def read_records(path: str | os.PathLike) -> Iterator[bytes]:
-    """Yields every record of a TFRecord file in order, verifying both CRCs."""
-    file_size = os.path.getsize(path)
-    with open(path, "rb") as stream:
-        index = offset = 0
-        while (length := _read_header(stream, path, index, offset, file_size)) is not None:
-            yield _read_body(stream, length, path, index, offset)
-            offset += HEADER_SIZE + length + FOOTER_SIZE
-            index += 1
-
-
 def index_records(path: str | os.PathLike) -> list[tuple[int, int]]:
-    """`(offset, length)` of every record, from the headers alone (length CRCs verified).
+    """`(offset, length)` of every record, from the headers alone (length CRCs verified,
+    and every record checked to end inside the file).
 
-    Data CRCs are checked later, by `read_record_at`, when each record is read.
+    Data CRCs are checked later, by `check_record`, when each record is read.
     """
-    file_size = os.path.getsize(path)
     spans = []
     with open(path, "rb") as stream:
+        file_size = os.fstat(stream.fileno()).st_size
         offset = 0
         while (length := _read_header(stream, path, len(spans), offset, file_size)) is not None:
             spans.append((offset, length))
@@ -107,7 +83,18 @@ def index_records(path: str | os.PathLike) -> list[tuple[int, int]]:
     return spans
 
 
-def read_record_at(stream: BinaryIO, offset: int, length: int, *, path="<stream>", index: int = -1) -> bytes:
-    """Reads and verifies the record whose header starts at `offset` (from `index_records`)."""
-    stream.seek(offset + HEADER_SIZE)
-    return _read_body(stream, length, path, index, offset)
+def check_record(body: bytes, length: int, *, path, index: int, offset: int) -> bytes:
+    """The data of the record whose header (at byte `offset`, `length` from
+    `index_records`) is followed by `body`: its data and data CRC, as read from the file.
+
+    Raises `TFRecordCorruptionError` naming file, record and offset when the file ended
+    early or the data CRC does not hold.
+    """
+    if len(body) != length + FOOTER_SIZE:
+        raise corruption(path, index, offset,
+                         f"file ends inside the record ({len(body)} of {length + FOOTER_SIZE} bytes "
+                         "after the header): truncated")
+    data = body[:length]
+    if masked_crc32c(data) != _FOOTER.unpack_from(body, length)[0]:
+        raise corruption(path, index, offset, "data checksum mismatch (corrupted record)")
+    return data

@@ -4,36 +4,50 @@ TFRecord files have no index, so grain's own `TFRecordIterDataset` can only stre
 (no global shuffle, no exact checkpoint by position) and it skips the checksums. This
 source scans each shard's 12-byte record headers once (verifying the length CRCs), keeps
 the offsets in memory, and then reads any record with a single `os.pread`, verifying the
-data CRC. A corrupt record is reported by shard file and record index, never decoded.
+data CRC (`tfrecord_format.check_record`). A corrupt record is reported by shard file,
+record index and byte offset, never decoded.
 
-The source is sent to grain's worker processes by pickling: only the paths and the offset
-arrays travel; each process opens its own file descriptors on first use. `os.pread` takes
-no shared file position, so the many reader threads of one process can share a
-descriptor safely.
+The offsets are only valid for the file that was indexed, so the source remembers each
+shard's identity (device, inode, size, modification time) and refuses, with the record
+named, to read a shard that was replaced or rewritten since: old offsets into new
+contents must not be read silently.
+
+The source is sent to grain's worker processes by pickling: only the paths, identities
+and the offset arrays travel; each process opens its own file descriptors on first use.
+`os.pread` takes no shared file position, so the many reader threads of one process can
+share a descriptor safely.
 """
 
 from __future__ import annotations
 
 import os
-import struct
 import threading
 from collections.abc import Sequence
 
 import numpy as np
 
-from data_pipeline.records.tfrecord_format import (
-    FOOTER_SIZE,
-    HEADER_SIZE,
-    TFRecordCorruptionError,
-    index_records,
-    masked_crc32c,
-)
-
-_FOOTER = struct.Struct("<I")
+from data_pipeline.records import tfrecord_format
+from data_pipeline.records.tfrecord_format import FOOTER_SIZE, HEADER_SIZE, TFRecordCorruptionError
 
 
 class RecordCountMismatchError(ValueError):
     """A shard holds a different number of records than its manifest entry says."""
+
+
+class ShardChangedError(TFRecordCorruptionError):
+    """A shard is no longer the file that was indexed (and verified) at start-up."""
+
+
+def file_identity(stat: os.stat_result) -> tuple[int, ...]:
+    """What tells one version of a file from another without reading it: device, inode,
+    size, modification and status-change times (ns). A rewrite that keeps all five is
+    not seen here; the record CRCs still check every byte read."""
+    return (stat.st_dev, stat.st_ino, stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns)
+
+
+# The part of the identity an open descriptor must match: a `chmod` changes only the
+# status-change time, and must not stop a run.
+_CONTENT_IDENTITY = slice(0, 4)
 
 
 class TFRecordSource:
@@ -56,19 +70,23 @@ class TFRecordSource:
             raise ValueError(
                 f"{len(expected_num_records)} expected record counts for {len(self._paths)} shards"
             )
-        offsets, lengths = [], []
+        offsets, lengths, identities = [], [], []
         for shard, path in enumerate(self._paths):
             if not os.path.isfile(path):
                 raise FileNotFoundError(f"shard file not found: {path}")
-            spans = np.asarray(index_records(path), dtype=np.int64).reshape(-1, 2)
+            identities.append(file_identity(os.stat(path)))
+            spans = np.asarray(tfrecord_format.index_records(path), dtype=np.int64).reshape(-1, 2)
             if expected_num_records is not None and len(spans) != expected_num_records[shard]:
                 raise RecordCountMismatchError(
-                    f"{path}: holds {len(spans)} records, the manifest says {expected_num_records[shard]}"
+                    f"{path}: holds {len(spans)} records, the manifest says {expected_num_records[shard]}; "
+                    "the shard and manifest.json do not come from the same conversion (or the shard "
+                    "was cut short at a record boundary): re-run the conversion"
                 )
             offsets.append(spans[:, 0])
             lengths.append(spans[:, 1])
         self._offsets = offsets
         self._lengths = lengths
+        self._identities = identities
         # _shard_starts[k] is the global index of shard k's first record.
         self._shard_starts = np.concatenate([[0], np.cumsum([len(o) for o in offsets])])
         self._init_process_local_state()
@@ -99,6 +117,16 @@ class TFRecordSource:
     def paths(self) -> list[str]:
         return list(self._paths)
 
+    def unchanged(self) -> bool:
+        """Whether every shard is still the file that was indexed (one `stat` each)."""
+        for path, identity in zip(self._paths, self._identities):
+            try:
+                if file_identity(os.stat(path)) != identity:
+                    return False
+            except OSError:
+                return False
+        return True
+
     def locate(self, index: int) -> tuple[str, int]:
         """The shard file and the record index within it of global record `index`."""
         shard, local = self._split_index(index)
@@ -111,7 +139,29 @@ class TFRecordSource:
         shard = int(np.searchsorted(self._shard_starts, index, side="right")) - 1
         return shard, index - int(self._shard_starts[shard])
 
-    def _fd(self, shard: int) -> int:
+    def _open(self, shard: int, local: int) -> int:
+        """A descriptor of `shard`, checked to be the file that was indexed."""
+        path = self._paths[shard]
+        fd = os.open(path, os.O_RDONLY)
+        identity = file_identity(os.fstat(fd))
+        expected = self._identities[shard]
+        if identity[_CONTENT_IDENTITY] != expected[_CONTENT_IDENTITY]:
+            os.close(fd)
+            size, was = identity[2], expected[2]
+            if identity[:2] != expected[:2]:
+                what = (f"the shard was replaced by another file ({size} bytes, {was} when it was "
+                        "indexed at start-up)")
+            elif size < was:
+                what = f"the shard is now {size} bytes, {was} when it was indexed at start-up: truncated"
+            else:
+                what = f"the shard was rewritten after it was indexed at start-up (now {size} bytes, was {was})"
+            offset = int(self._offsets[shard][local])
+            raise ShardChangedError(
+                f"{path}: record {local} at byte {offset}: {what}; restart the run so the "
+                "shards are checked again")
+        return fd
+
+    def _fd(self, shard: int, local: int) -> int:
         if self._fds_pid != os.getpid():  # forked: the parent's descriptors are not ours
             self._init_process_local_state()
         fd = self._fds.get(shard)
@@ -119,27 +169,25 @@ class TFRecordSource:
             with self._fds_lock:
                 fd = self._fds.get(shard)
                 if fd is None:
-                    fd = os.open(self._paths[shard], os.O_RDONLY)
+                    fd = self._open(shard, local)
                     self._fds[shard] = fd
         return fd
 
-    def __getitem__(self, index: int) -> bytes:
-        shard, local = self._split_index(index)
+    def _read(self, shard: int, local: int) -> bytes:
         offset = int(self._offsets[shard][local])
         length = int(self._lengths[shard][local])
-        path = self._paths[shard]
-        body = os.pread(self._fd(shard), length + FOOTER_SIZE, offset + HEADER_SIZE)
-        if len(body) != length + FOOTER_SIZE:
-            raise TFRecordCorruptionError(
-                f"{path}: record {local} at byte {offset}: file ends inside the record "
-                f"(truncated after indexing)"
-            )
-        data = body[:length]
-        if masked_crc32c(data) != _FOOTER.unpack_from(body, length)[0]:
-            raise TFRecordCorruptionError(
-                f"{path}: record {local} at byte {offset}: data checksum mismatch (corrupted record)"
-            )
-        return data
+        body = os.pread(self._fd(shard, local), length + FOOTER_SIZE, offset + HEADER_SIZE)
+        return tfrecord_format.check_record(body, length, path=self._paths[shard], index=local, offset=offset)
+
+    def __getitem__(self, index: int) -> bytes:
+        return self._read(*self._split_index(index))
+
+    def check_shard(self, path: str) -> None:
+        """Reads every record of shard `path`, raising `TFRecordCorruptionError` at the
+        first damaged one. Used to name the record after a shard's SHA-256 mismatched."""
+        shard = self._paths.index(os.fspath(path))
+        for local in range(len(self._offsets[shard])):
+            self._read(shard, local)
 
     def close(self) -> None:
         if getattr(self, "_fds_pid", None) != os.getpid():

@@ -3,23 +3,25 @@
 Images stay uint8 from decode to device (4x less host memory and transfer than float32);
 the trainer normalises on the device.
 
-Decode and resize are nearly all of the pipeline's CPU time, so:
-- Both crops choose their window from the image size in the header alone (read by
-  `header_size`, or by PIL, which parses only the header on `Image.open`), then decode
-  *reduced*: libjpeg decodes at 1/2, 1/4 or 1/8 scale for a fraction of the cost
-  whenever the crop is at least twice the output size, never below what the output
-  needs (same output size, nearly the same pixels).
-- Two backends do the pixel work. `cv2` (OpenCV: `imdecode` with `IMREAD_REDUCED_*`,
-  or simplejpeg for full-size JPEGs when installed, same pixels at less CPU;
-  bilinear `resize`) takes about half the CPU time per image of `pil` (Pillow:
-  `Image.draft`, antialiased `resize`; see BENCHMARKS.md) and is the default when
-  installed; `pil` needs nothing beyond Pillow. Thanks to the reduced decode, the final
-  resize shrinks by less than 2x unless an image is over 16x the output size, so
-  OpenCV's lack of antialiasing costs next to nothing.
-- Both ignore EXIF orientation, as TensorFlow's decoders do, so pixels match the size
-  recorded in the shards.
+Two crops, with different goals:
+- Training (`decode_and_random_resized_crop`) is built for throughput. The crop window
+  comes from the image size in the header alone (`header_size`, or PIL's lazy
+  `Image.open`), then the image is decoded *reduced*: libjpeg decodes at 1/2, 1/4 or 1/8
+  scale whenever the crop is at least twice the output size. Two backends do the pixel
+  work: `cv2` (OpenCV `imdecode` with `IMREAD_REDUCED_*`, simplejpeg for full-size JPEGs
+  when installed, bilinear `resize` without antialiasing; about half the CPU of `pil`,
+  see BENCHMARKS.md) and `pil` (Pillow `draft` + antialiased `resize`). They differ by
+  a few grey levels, which a random crop never notices.
+- Evaluation and serving (`decode_resize_center_crop`) are exact instead: ONE
+  computation, used by evaluation during training, `--mode eval` and predict, with no
+  backend and no reduced decoding, written so that numpy and Pillow alone reproduce it
+  bit for bit from the description `eval_preprocessing_spec` puts in export.json:
+  Pillow full-size decode, `convert("RGB")` (16-bit grey: high byte), antialiased
+  bilinear `Image.resize` of an unrounded float crop box. On the DeepFashion sizes
+  (about 300 px to 224) no reduced decode applied anyway, so exactness costs little.
 
-PNG and other formats decode at full size.
+Both ignore EXIF orientation (as TensorFlow's decoders do), so pixels match the size
+recorded in the shards, and both decode PNG and other formats at full size.
 """
 
 from __future__ import annotations
@@ -253,29 +255,123 @@ def decode_and_random_resized_crop(
     )
 
 
+# Bump when anything in `decode_resize_center_crop` changes its pixels: export.json
+# records it, and predict refuses an export written for other eval pixels.
+EVAL_PREPROCESSING_VERSION = 2
+# Pillow modes whose `convert("RGB")` is the documented mapping (channel copy, alpha
+# dropped, palette lookup, Pillow's CMYK/YCbCr formulas).
+_CONVERTIBLE_MODES = frozenset({"1", "L", "LA", "P", "PA", "RGB", "RGBA", "RGBX", "CMYK", "YCbCr"})
+_SIXTEEN_BIT_GREY = frozenset({"I;16", "I;16B", "I;16L", "I;16N"})
+
+
+def eval_resize_short(size: int, crop_fraction: float = EVAL_CROP_FRACTION) -> int:
+    """The short side the eval crop is taken from: `size / crop_fraction` rounded half
+    up (stated, not Python's half-to-even `round`; for 0.875 no tie can occur)."""
+    if not 0 < crop_fraction <= 1:
+        raise ValueError(f"crop_fraction must be in (0, 1], got {crop_fraction}")
+    return int(math.floor(size / crop_fraction + 0.5))
+
+
 def center_crop_box(width: int, height: int, size: int, crop_fraction: float = EVAL_CROP_FRACTION) -> Box:
-    """The box that "resize the short side to size / crop_fraction, then take the
-    centre size x size" selects, in the original image's pixels."""
-    resize_short = round(size / crop_fraction)
-    factor = resize_short / min(width, height)  # original pixels -> resized pixels
-    resized_w, resized_h = width * factor, height * factor
-    left, top = (resized_w - size) / 2, (resized_h - size) / 2
-    return (left / factor, top / factor, (left + size) / factor, (top + size) / factor)
+    """The box that "resize the short side to `eval_resize_short`, then take the centre
+    size x size" selects, in the original image's pixels: float64, never rounded (Pillow
+    resamples fractional boxes exactly). export.json states this formula verbatim."""
+    side = size * min(width, height) / eval_resize_short(size, crop_fraction)
+    left, top = (width - side) / 2, (height - side) / 2
+    return (left, top, left + side, top + side)
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """8-bit RGB by the rule export.json states: Pillow's `convert("RGB")` (grey
+    replicated, alpha dropped without compositing, as the DeepFashion converter does),
+    except 16-bit grey, which Pillow would clip at 255, keeps its high byte. 32-bit
+    integer and float images have no agreed 8-bit mapping and are refused."""
+    if image.mode == "RGB":
+        return image
+    if image.mode in _SIXTEEN_BIT_GREY:
+        grey = (np.asarray(image).astype(np.uint16) >> 8).astype(np.uint8)
+        return Image.fromarray(grey, "L").convert("RGB")
+    if image.mode not in _CONVERTIBLE_MODES:
+        raise ValueError(f"cannot decode image: pixel mode {image.mode!r} has no 8-bit RGB "
+                         "mapping here; convert the file to 8-bit RGB (or 16-bit grey) first")
+    return image.convert("RGB")
 
 
 def decode_resize_center_crop(
     image_bytes: bytes,
     size: int,
     crop_fraction: float = EVAL_CROP_FRACTION,
-    reduced_decode: bool = True,
-    backend: str = DEFAULT_BACKEND,
 ) -> np.ndarray:
-    """Eval crop: short side to `size / crop_fraction`, centre `size`x`size`.
-    Deterministic. Returns uint8 `(size, size, 3)`."""
-    return _crop_and_resize(
-        image_bytes, size, backend, reduced_decode,
-        lambda width, height: center_crop_box(width, height, size, crop_fraction),
-    )
+    """The eval and serving transform: short side to `eval_resize_short`, centre
+    `size` x `size`, as uint8 `(size, size, 3)` RGB. Deterministic, and the same pixels
+    whatever the training backend: evaluation during training, `--mode eval` and
+    predict all call this, and `eval_preprocessing_spec` describes it for export.json.
+
+    Steps: Pillow decodes the whole image (first frame; no draft, EXIF orientation and
+    ICC profile ignored), `to_rgb`, then one antialiased bilinear `Image.resize` of the
+    float `center_crop_box` to `size` x `size` with `reducing_gap=None`.
+    """
+    image = open_image(image_bytes)
+    try:
+        image.load()
+        rgb = to_rgb(image)
+        box = center_crop_box(image.size[0], image.size[1], size, crop_fraction)
+        out = rgb.resize((size, size), Image.Resampling.BILINEAR, box=box, reducing_gap=None)
+    except (OSError, SyntaxError) as err:  # PIL: truncated or corrupt image data
+        raise ValueError(f"cannot decode image ({len(image_bytes)} bytes): {err}") from err
+    return np.asarray(out, dtype=np.uint8)
+
+
+def eval_preprocessing_spec(size: int, crop_fraction: float = EVAL_CROP_FRACTION) -> dict:
+    """What export.json records about `decode_resize_center_crop`: enough for a client
+    with numpy and Pillow alone to produce the same pixels (tests/reference_client.py
+    does, from this dict only). Keys are stable within one `version`."""
+    import PIL
+    from PIL import features
+
+    return {
+        "version": EVAL_PREPROCESSING_VERSION,
+        "image_size": int(size),
+        "crop_fraction": float(crop_fraction),
+        "resize_short": eval_resize_short(size, crop_fraction),
+        "decoder": {
+            "library": "Pillow",
+            "call": "PIL.Image.open(file); image.load()",
+            "reduced_decode": False,
+            "frames": "first frame only",
+            "exif_orientation": "ignored (pixels as stored)",
+            "icc_profile": "ignored (no colour management)",
+            "pillow_version": PIL.__version__,
+            "libjpeg_turbo_version": features.version("libjpeg_turbo"),
+        },
+        "color": {
+            "rule": "image.convert('RGB') before resizing",
+            "L": "grey copied to R, G and B",
+            "RGBA, LA, PA": "alpha dropped, no compositing (colour of transparent pixels kept)",
+            "P": "palette looked up, transparency dropped",
+            "CMYK, YCbCr": "Pillow's convert('RGB')",
+            "I;16, I;16B, I;16L, I;16N": "high byte (value >> 8) as grey, then as L",
+            "other modes (I, F, ...)": "refused",
+        },
+        "crop": {
+            "resize_short": "floor(image_size / crop_fraction + 0.5)",
+            "box": "side = image_size * min(width, height) / resize_short; "
+                   "left = (width - side) / 2; top = (height - side) / 2; "
+                   "box = (left, top, left + side, top + side): float64, in the decoded "
+                   "image's pixels, not rounded",
+        },
+        "resize": {
+            "method": "bilinear",
+            "antialias": True,
+            "call": "rgb.resize((image_size, image_size), PIL.Image.Resampling.BILINEAR, "
+                    "box=box, reducing_gap=None)",
+            "note": "Pillow's bilinear filter widens with the scale factor when shrinking "
+                    "(antialiasing); Pillow-SIMD rounds differently",
+        },
+        "output": "uint8 (image_size, image_size, 3), RGB, 0..255; the artifact normalises "
+                  "(x - mean_rgb) / stddev_rgb itself",
+        "implementation": "data_pipeline.records.transforms.decode_resize_center_crop",
+    }
 
 
 def random_horizontal_flip(image: np.ndarray, rng: np.random.Generator, probability: float = 0.5) -> np.ndarray:

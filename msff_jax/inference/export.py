@@ -10,10 +10,12 @@
 - `variables/`: an Orbax checkpoint of the inference variables only (`params`, the EMA
   parameters when the run kept an EMA, and `batch_stats`), for users who do have the
   model code (fine-tuning, `predict --explain`).
-- `export.json`: the model name and overrides, the class names, the preprocessing the
-  artifact expects (resize the short side to `image_size / crop_fraction`, centre-crop
-  `image_size`; the same eval transform as `data_pipeline.records.transforms`), the step and the
-  format version.
+- `export.json`: the model name and overrides, the class names, the step, the format
+  version, and a `preprocessing` block (from `transforms.eval_preprocessing_spec`) that
+  states the eval transform exactly: decoder, no reduced decode, colour conversion, crop
+  arithmetic, resize filter and antialiasing, the training backend. Evaluation, `--mode
+  eval` and predict all run that one transform, and numpy + Pillow reproduce it from the
+  JSON alone (tests/reference_client.py), so the artifact takes its output as input.
 
 `load_export` reads the directory back and checks the three parts against each other, so
 a directory with a file missing or a JSON that disagrees with the artifact or the
@@ -37,11 +39,14 @@ EXPORT_DIRNAME = "export"
 METADATA_FILE = "export.json"
 ARTIFACT_FILE = "inference.jaxexport"
 VARIABLES_DIR = "variables"
-FORMAT_VERSION = 1
+# 2: `preprocessing` states the exact eval transform (version 1 described an
+# OpenCV pipeline whose pixels clients could not reproduce).
+FORMAT_VERSION = 2
 DEFAULT_PLATFORMS = ("cpu", "cuda")
 _REQUIRED_KEYS = ("format_version", "model", "model_overrides", "num_classes", "class_names",
                   "dtype", "preprocessing", "artifact", "variables")
-_REQUIRED_PREPROCESSING = ("image_size", "crop_fraction", "mean_rgb", "stddev_rgb")
+_REQUIRED_PREPROCESSING = ("version", "image_size", "crop_fraction", "resize_short",
+                           "mean_rgb", "stddev_rgb")
 
 
 class ExportError(ValueError):
@@ -121,7 +126,12 @@ def build_metadata(*, model_name: str, model_overrides: dict, num_classes: int,
                    class_names: Sequence[str], dtype: str, image_size: int,
                    crop_fraction: float, mean_rgb: Sequence[float],
                    stddev_rgb: Sequence[float], step: Optional[int], ema: bool,
-                   class_names_source: str) -> dict:
+                   class_names_source: str, image_backend: Optional[str] = None) -> dict:
+    """export.json's model, class and preprocessing fields. `image_backend` is the
+    run's `config.data.image_backend` (None: not known), recorded because it shaped the
+    training crops; the eval pixels described beside it do not depend on it."""
+    from data_pipeline.records.transforms import eval_preprocessing_spec
+
     if len(class_names) != num_classes:
         raise ExportError(f"{len(class_names)} class names ({class_names_source}) for "
                           f"num_classes={num_classes}")
@@ -136,16 +146,16 @@ def build_metadata(*, model_name: str, model_overrides: dict, num_classes: int,
         "step": None if step is None else int(step),
         "ema_parameters": bool(ema),
         "preprocessing": {
-            "image_size": int(image_size),
-            "resize": "bilinear, short side to round(image_size / crop_fraction), "
-                      "then the centre image_size x image_size "
-                      "(data_pipeline.records.transforms.decode_resize_center_crop)",
-            "crop_fraction": float(crop_fraction),
+            **eval_preprocessing_spec(int(image_size), float(crop_fraction)),
             "mean_rgb": [float(v) for v in mean_rgb],
             "stddev_rgb": [float(v) for v in stddev_rgb],
             "input_dtype": "uint8",
             "layout": "NHWC",
             "channel_order": "RGB",
+            "training_image_backend": image_backend,
+            "training_crops": "random resized crops by training_image_backend (reduced "
+                              "decode, fast resize); evaluation and serving use the "
+                              "transform above whatever it is",
         },
     }
 
@@ -200,6 +210,7 @@ def run(config, workdir: str, which: str = "best") -> Path:
         step=step,
         ema=config.get("ema_decay", 0.0) > 0,
         class_names_source=names_source,
+        image_backend=config.data.get("image_backend"),
     )
     platforms = tuple(config.export_platforms)
     out_dir = write_export(workdir / EXPORT_DIRNAME, model=build_model(config),
@@ -248,18 +259,53 @@ def load_metadata(export_dir: Path) -> dict:
         metadata = json.loads(path.read_text())
     except json.JSONDecodeError as err:
         raise ExportError(f"{path}: not valid JSON ({err})") from err
+    # The version first: an older export lacks newer keys, and re-exporting is the fix.
+    if "format_version" in metadata and metadata["format_version"] != FORMAT_VERSION:
+        raise ExportError(f"{path}: format_version {metadata['format_version']} is not "
+                          f"the supported {FORMAT_VERSION}; run launch.py --mode export on "
+                          "the training workdir again to rewrite it")
     missing = [key for key in _REQUIRED_KEYS if key not in metadata]
     missing += [f"preprocessing.{key}" for key in _REQUIRED_PREPROCESSING
                 if key not in metadata.get("preprocessing", {})]
     if missing:
         raise ExportError(f"{path}: missing keys {missing}")
-    if metadata["format_version"] != FORMAT_VERSION:
-        raise ExportError(f"{path}: format_version {metadata['format_version']} is not "
-                          f"the supported {FORMAT_VERSION}")
     if len(metadata["class_names"]) != metadata["num_classes"]:
         raise ExportError(f"{path}: {len(metadata['class_names'])} class_names for "
                           f"num_classes={metadata['num_classes']}")
+    _check_preprocessing(path, metadata["preprocessing"])
     return metadata
+
+
+def _check_preprocessing(path: Path, prep: dict) -> None:
+    """The preprocessing block must describe the transform this code runs (its version)
+    with values it can run; otherwise predict would feed the artifact other pixels than
+    export.json promises its clients."""
+    from data_pipeline.records.transforms import EVAL_PREPROCESSING_VERSION, eval_resize_short
+
+    if prep["version"] != EVAL_PREPROCESSING_VERSION:
+        raise ExportError(
+            f"{path}: preprocessing.version {prep['version']!r} is not "
+            f"{EVAL_PREPROCESSING_VERSION}, the eval transform this code computes; predict "
+            "would not reproduce the pixels export.json describes. Export again with this "
+            "code, or predict with the code that wrote it")
+    size, fraction = prep["image_size"], prep["crop_fraction"]
+    if not (isinstance(size, int) and not isinstance(size, bool) and size > 0):
+        raise ExportError(f"{path}: preprocessing.image_size must be a positive integer, got {size!r}")
+    if not (isinstance(fraction, (int, float)) and 0 < fraction <= 1):
+        raise ExportError(f"{path}: preprocessing.crop_fraction must be in (0, 1], got {fraction!r}")
+    if prep["resize_short"] != eval_resize_short(size, fraction):
+        raise ExportError(
+            f"{path}: preprocessing.resize_short is {prep['resize_short']!r} but "
+            f"floor(image_size / crop_fraction + 0.5) = {eval_resize_short(size, fraction)} "
+            f"for image_size={size}, crop_fraction={fraction}")
+    for key in ("mean_rgb", "stddev_rgb"):
+        values = prep[key]
+        if not (isinstance(values, list) and len(values) == 3
+                and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values)):
+            raise ExportError(f"{path}: preprocessing.{key} must be 3 numbers (R, G, B on the "
+                              f"0..255 scale), got {values!r}")
+    if min(prep["stddev_rgb"]) <= 0:
+        raise ExportError(f"{path}: preprocessing.stddev_rgb must be positive, got {prep['stddev_rgb']}")
 
 
 def load_export(export_dir: Path) -> LoadedExport:

@@ -1,7 +1,9 @@
 """Classify image files with an exported model.
 
-    python -m msff_jax.inference.predict --export_dir runs/msff_ecomnet/export photo.jpg shop/ \
+    msff-predict --export_dir runs/msff_ecomnet/export photo.jpg shop/ \
         [--top_k 5] [--json] [--batch_size 32] [--explain OUT_DIR]
+
+(or `python -m msff_jax.inference.predict ...`; `--help` lists the flags).
 
 Inference runs the `jax.export` artifact alone (no model code); images go through the
 evaluation transform of `data_pipeline.records.transforms` (short side to
@@ -10,8 +12,9 @@ a prediction sees exactly what evaluation saw.
 
 Folders are searched recursively and every file in them is tried. A file that cannot be
 used (not an image, truncated, larger than `--max_image_pixels`: a decompression bomb,
-or a file over `--max_file_mb`) is named on stderr with the reason and skipped; the
-others still run, and a final count of skipped files follows.
+or a file over `--max_file_mb`, an empty file) is named once on stderr with the reason
+and skipped; the others still run, and a final count of skipped files follows. A
+progress bar is drawn on stderr only when it is a terminal.
 
 Exit status: 0 when every file was classified, 2 when some were skipped, 1 when nothing
 could be classified (bad export directory, empty folder, all files skipped).
@@ -23,45 +26,60 @@ needs the model code and the export's Orbax variables (see `msff_jax.inference.e
 
 from __future__ import annotations
 
-import argparse
 import io
 import json
+import re
 import sys
+import types
 import warnings
 from pathlib import Path
 from typing import Iterable, Iterator, Optional, Sequence
 
 import numpy as np
+from absl import flags
+
+from msff_jax import console
 
 DEFAULT_MAX_FILE_MB = 256
+PROGRAM = "msff-predict"
+
+# Its own FlagValues: predict's flags never clash with another program's in one process.
+FLAGS = flags.FlagValues()
+flags.DEFINE_string("export_dir", None, "WORKDIR/export of a trained run (launch.py --mode export).",
+                    flag_values=FLAGS)
+flags.DEFINE_integer("top_k", 5, "Classes to print per image.", lower_bound=1, flag_values=FLAGS)
+flags.DEFINE_bool("json", False, "One JSON object per line instead of text.", flag_values=FLAGS)
+flags.DEFINE_integer("batch_size", 32, "Images per call of the artifact.", lower_bound=1,
+                     flag_values=FLAGS)
+flags.DEFINE_string("explain", None, "OUT_DIR: write attention / Grad-CAM overlays here.",
+                    flag_values=FLAGS)
+flags.DEFINE_integer("max_image_pixels", None, "Refuse images with more pixels (default: "
+                     "PIL's limit, ~89 M).", lower_bound=1, flag_values=FLAGS)
+flags.DEFINE_float("max_file_mb", DEFAULT_MAX_FILE_MB, "Refuse larger files.", lower_bound=0,
+                   flag_values=FLAGS)
+flags.mark_flag_as_required("export_dir", flag_values=FLAGS)
+console.define_common_flags(FLAGS)
 
 
-class InputError(ValueError):
+class InputError(console.UserError, ValueError):
     """Command-line input that leaves nothing to do (missing path, empty folder)."""
 
 
-def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        prog="python -m msff_jax.inference.predict", description=__doc__.split("\n\n")[0])
-    parser.add_argument("inputs", nargs="+", metavar="IMAGE_OR_FOLDER")
-    parser.add_argument("--export_dir", required=True, help="WORKDIR/export of a trained run")
-    parser.add_argument("--top_k", type=int, default=5)
-    parser.add_argument("--json", action="store_true", help="one JSON object per line")
-    parser.add_argument("--batch_size", type=int, default=32)
-    parser.add_argument("--explain", metavar="OUT_DIR", default=None,
-                        help="write attention / Grad-CAM overlays here")
-    parser.add_argument("--max_image_pixels", type=int, default=None,
-                        help="refuse images with more pixels (default: PIL's limit, ~89 M)")
-    parser.add_argument("--max_file_mb", type=float, default=DEFAULT_MAX_FILE_MB)
-    args = parser.parse_args(argv)
-    if args.top_k < 1 or args.batch_size < 1:
-        parser.error("--top_k and --batch_size must be positive")
-    return args
+def parse_args(argv: Optional[Sequence[str]] = None) -> types.SimpleNamespace:
+    """Flags and IMAGE_OR_FOLDER arguments (argv without the program name); a bad flag
+    prints one line and exits 2."""
+    inputs = console.parse_flags(FLAGS, argv, program=PROGRAM, doc=__doc__.split("\n\n")[0])
+    if not inputs:
+        console.error_line(f"name at least one IMAGE_OR_FOLDER (`{PROGRAM} --help` lists the flags)")
+        raise SystemExit(console.EXIT_USAGE)
+    names = ("export_dir", "top_k", "json", "batch_size", "explain", "max_image_pixels",
+             "max_file_mb", "verbosity", "show_traceback")
+    return types.SimpleNamespace(inputs=inputs, **{name: FLAGS[name].value for name in names})
 
 
 def collect_files(inputs: Iterable[str]) -> list[Path]:
     """Files named directly, and every file under named folders (sorted, recursive,
-    hidden files skipped)."""
+    hidden files skipped); a file reached twice is kept once."""
     files: list[Path] = []
     for name in inputs:
         path = Path(name)
@@ -76,7 +94,31 @@ def collect_files(inputs: Iterable[str]) -> list[Path]:
             files.append(path)
         else:
             raise InputError(f"{path}: no such file or folder")
-    return files
+    seen: set[Path] = set()
+    unique = []
+    for path in files:
+        key = path.resolve()
+        if key not in seen:
+            seen.add(key)
+            unique.append(path)
+    return unique
+
+
+def skip_reason(path: Path, err: BaseException) -> str:
+    """Why a file was skipped, in plain words: decoders nest their messages, so repeated
+    'cannot decode image' prefixes are folded into one."""
+    text = " ".join(str(err).split())
+    decode = text.startswith("cannot decode image")
+    text = re.sub(r"(cannot decode image(?: \(\d+ bytes\))?:?\s*)+", "", text).strip()
+    if "not in any image format Pillow knows" in text:
+        return "not an image (its contents match no image format Pillow reads)"
+    if isinstance(err, OSError) and not isinstance(err, ValueError):
+        return f"unreadable ({err.strerror or text})"
+    if decode:
+        if "truncated" in text.lower():
+            return f"truncated or damaged image ({text})" if text else "truncated image"
+        return f"cannot decode image ({text})" if text else "cannot decode image"
+    return text
 
 
 def _decode_errors() -> tuple[type[BaseException], ...]:
@@ -108,7 +150,11 @@ def check_header(data: bytes) -> tuple[int, int]:
 
 
 def load_image(path: Path, image_size: int, crop_fraction: float, max_file_bytes: float) -> np.ndarray:
-    """The eval transform of one file; ValueError with the reason when unusable."""
+    """One file through the eval transform, `transforms.decode_resize_center_crop`: the
+    same function evaluation runs during training and in `--mode eval`, and the one
+    export.json's `preprocessing` block describes (load_export has checked its version),
+    so predict feeds the artifact the pixels evaluation saw. ValueError with the reason
+    when the file is unusable."""
     from data_pipeline.records.transforms import decode_resize_center_crop
 
     size = path.stat().st_size
@@ -153,7 +199,7 @@ def _unique_png(out_dir: Path, source: Path, used: set[str]) -> Path:
     return out_dir / name
 
 
-def predict(args: argparse.Namespace) -> int:
+def predict(args) -> int:
     import jax
     from PIL import Image
     from tqdm import tqdm
@@ -180,17 +226,20 @@ def predict(args: argparse.Namespace) -> int:
 
     skipped: list[tuple[Path, str]] = []
     classified = 0
-    with tqdm(total=len(files), unit="img", file=sys.stderr, desc="predict") as progress:
+    with console.progress(total=len(files), unit="img", desc="predict") as progress:
         for batch_files in _batches(files, args.batch_size):
             images, good = [], []
             for path in batch_files:
                 try:
+                    if path.stat().st_size == 0:
+                        raise ValueError("empty file")
                     images.append(load_image(path, prep["image_size"], prep["crop_fraction"],
                                              args.max_file_mb * 2**20))
                     good.append(path)
                 except (ValueError, OSError) as err:  # load_image's reasons; OSError: unreadable
-                    skipped.append((path, str(err)))
-                    progress.write(f"skipped {path}: {err}", file=sys.stderr)
+                    reason = skip_reason(path, err)
+                    skipped.append((path, reason))
+                    tqdm.write(f"skipped {path}: {reason}", file=sys.stderr)
             progress.update(len(batch_files))
             if not images:
                 continue
@@ -203,7 +252,7 @@ def predict(args: argparse.Namespace) -> int:
             for i, path in enumerate(good):
                 predictions = top_predictions(probabilities[i], names, k)
                 line = (format_json if args.json else format_text)(path, predictions)
-                progress.write(line, file=sys.stdout)
+                tqdm.write(line, file=sys.stdout)
                 if explainer:
                     from msff_jax.inference.explain import save_explanation
 
@@ -221,13 +270,27 @@ def predict(args: argparse.Namespace) -> int:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    """argv without the program name; returns the exit status (0, 2: some files skipped,
+    1: nothing classified or an error, named on one line)."""
     args = parse_args(argv)
-    try:
-        return predict(args)
-    except (InputError, FileNotFoundError, ValueError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 1
+    console.setup_logging(args.verbosity)
+
+    def body() -> int:
+        try:
+            return predict(args)
+        except ValueError as err:  # A bad export directory (ExportError) names its file.
+            if isinstance(err, console.UserError):
+                raise
+            raise console.UserError(str(err)) from err
+
+    return console.guarded(body, show_traceback=args.show_traceback)
+
+
+def run() -> None:
+    """Console entry point: `msff-predict`."""
+    console.quiet_native_logs()
+    sys.exit(main(sys.argv[1:]))
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run()

@@ -11,6 +11,16 @@ can only add emphasis, never erase what MSP-Conv found.
   in the ECA paper (`|log2(C) / 2 + 1 / 2|`, rounded up to odd).
 - `SpatialAttention`: channel-wise mean and max maps, concatenated, 7x7 convolution,
   sigmoid; a `(batch, h, w, 1)` map.
+
+Mean and max descriptors come from `exact_max.mean_and_max`: one pass for both, and a
+max gradient that is exact in bfloat16 (jnp.max's miscounts tied maxima there, e.g. an
+all-zero channel after a ReLU).
+
+`true_channels` (every module here; None means all): the input's last axis holds
+`true_channels` real channels followed by zero padding (`MSFFNet.channel_alignment`).
+Parameters are those of the real channels, descriptors are taken over them only (the
+padding never wins a max, and means divide by the real count), and the padding stays
+zero: channel weights for it are 0, and the residual adds zeros to zeros.
 """
 
 from __future__ import annotations
@@ -21,7 +31,29 @@ from typing import Any
 import flax.linen as nn
 import jax.numpy as jnp
 
+from msff_jax.models.exact_max import mean_and_max
+
 CHANNEL_ATTENTIONS = ("cbam", "eca")
+
+
+def _real_channels(x: jnp.ndarray, true_channels: int | None) -> int:
+    channels = x.shape[-1]
+    if true_channels is None:
+        return channels
+    if not 1 <= true_channels <= channels:
+        raise ValueError(
+            f"true_channels must be in [1, {channels}] for an input of {channels} "
+            f"channels; got {true_channels}"
+        )
+    return true_channels
+
+
+def _pad_weights(weights: jnp.ndarray, channels: int) -> jnp.ndarray:
+    """`(batch, C)` weights to `(batch, 1, 1, channels)`, zeros for the padding."""
+    pad = channels - weights.shape[-1]
+    if pad:
+        weights = jnp.pad(weights, ((0, 0), (0, pad)))
+    return weights[:, None, None, :]
 
 
 class ChannelAttentionMLP(nn.Module):
@@ -30,10 +62,11 @@ class ChannelAttentionMLP(nn.Module):
     reduction: int = 16
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
+    true_channels: int | None = None
 
     @nn.compact
     def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
-        channels = x.shape[-1]
+        channels = _real_channels(x, self.true_channels)
         hidden = max(channels // self.reduction, 1)
         fc1 = nn.Dense(hidden, dtype=self.dtype, param_dtype=self.param_dtype, name="fc1")
         fc2 = nn.Dense(channels, dtype=self.dtype, param_dtype=self.param_dtype, name="fc2")
@@ -41,10 +74,10 @@ class ChannelAttentionMLP(nn.Module):
         def shared_mlp(descriptor):
             return fc2(nn.relu(fc1(descriptor)))
 
-        average = jnp.mean(x, axis=(1, 2))
-        maximum = jnp.max(x, axis=(1, 2))
+        average, maximum = mean_and_max(x, axis=(1, 2))
+        average, maximum = average[:, :channels], maximum[:, :channels]
         weights = nn.sigmoid(shared_mlp(average) + shared_mlp(maximum))
-        return weights[:, None, None, :]
+        return _pad_weights(weights, x.shape[-1])
 
 
 def eca_kernel_size(channels: int, gamma: int = 2, beta: int = 1) -> int:
@@ -57,12 +90,14 @@ class EfficientChannelAttention(nn.Module):
 
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
+    true_channels: int | None = None
 
     @nn.compact
     def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
-        size = eca_kernel_size(x.shape[-1])
+        channels = _real_channels(x, self.true_channels)
+        size = eca_kernel_size(channels)
         pad = (size - 1) // 2
-        descriptor = jnp.mean(x, axis=(1, 2))[:, :, None]  # (batch, C, 1): C is "length"
+        descriptor = jnp.mean(x, axis=(1, 2))[:, :channels, None]  # (batch, C, 1): C is "length"
         logits = nn.Conv(
             1,
             (size,),
@@ -72,7 +107,7 @@ class EfficientChannelAttention(nn.Module):
             param_dtype=self.param_dtype,
             name="conv",
         )(descriptor)
-        return nn.sigmoid(logits[..., 0])[:, None, None, :]
+        return _pad_weights(nn.sigmoid(logits[..., 0]), x.shape[-1])
 
 
 class SpatialAttention(nn.Module):
@@ -81,13 +116,13 @@ class SpatialAttention(nn.Module):
     kernel_size: int = 7
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
+    true_channels: int | None = None
 
     @nn.compact
     def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
-        pooled = jnp.concatenate(
-            [jnp.mean(x, axis=-1, keepdims=True), jnp.max(x, axis=-1, keepdims=True)],
-            axis=-1,
-        )
+        channels = _real_channels(x, self.true_channels)
+        valid = channels if channels < x.shape[-1] else None
+        pooled = jnp.concatenate(mean_and_max(x, axis=-1, keepdims=True, valid=valid), axis=-1)
         pad = (self.kernel_size - 1) // 2
         logits = nn.Conv(
             1,
@@ -112,10 +147,16 @@ class ResidualAttention(nn.Module):
     spatial_kernel_size: int = 7
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
+    true_channels: int | None = None
 
     @nn.compact
     def __call__(self, features: jnp.ndarray) -> jnp.ndarray:
-        kinds = {"dtype": self.dtype, "param_dtype": self.param_dtype}
+        _real_channels(features, self.true_channels)
+        kinds = {
+            "dtype": self.dtype,
+            "param_dtype": self.param_dtype,
+            "true_channels": self.true_channels,
+        }
         if self.channel_attention == "cbam":
             channel = ChannelAttentionMLP(self.reduction, **kinds, name="channel")
         elif self.channel_attention == "eca":

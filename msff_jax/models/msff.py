@@ -31,6 +31,25 @@ neighbours 160 and 168 give 11.22 M (-4.8%) and 12.36 M (+4.9%). Depth stays at
 ResNet-18's eight blocks because MSFF blocks have no identity skip (above) and a deeper
 plain chain trains worse.
 
+Channel alignment (`channel_alignment`, default 1 = off). The branch widths
+`features // 4` of the stage widths above are 41, 82, 164 and 328 channels, three of
+them not multiples of 8, which can keep cuDNN's bfloat16 convolutions off tensor-core
+kernels. With an alignment `a > 1` each block computes on channel counts padded up to
+multiples of `a`, inside the forward and with the true parameters: kernels get zero
+input rows and output columns (`jnp.pad` at call time), BatchNorm and the ReLU run on
+the true channels (a slice of the convolution's output; running statistics keep their
+shapes), their output is padded with zeros again, IASM is told the true channel count
+(means over true channels, padding masked out of every max) and the block returns its
+true channels. So the parameter tree, the function and the gradients are those of
+alignment 1 (up to float summation order; tests/test_aligned_channels.py) and a
+checkpoint loads under any setting. The costs: the block input is padded (a copy with
+the padded channel count, which the pool branch's max-pool also reads), the padded
+channels are computed and carried through MSP-Conv and IASM, the concatenation drops
+each branch's padding and appends the block's, and the block output is a slice of
+IASM's (an elementwise copy XLA can fuse into IASM's last pass, or into the
+concatenation when IASM is off). The stem is left alone (its widths, 32/32/64, are
+multiples of 8). Whether any of this is faster is for a GPU to measure.
+
 Ablation presets only flip the switches `use_msp` and `use_iasm`, so their parameter
 trees differ from the full model's only in the dropped subtrees (`msp_conv` replaced by `conv_unit`,
 `iasm` removed):
@@ -56,6 +75,7 @@ from msff_jax.models.layers import (
     conv_and_norm,
     global_average_pool,
     prepare_images,
+    torch_padding,
 )
 from msff_jax.models.max_pool import check_backward, max_pool_3x3
 
@@ -73,6 +93,95 @@ class ConvKernel(nn.Module):
     def __call__(self, in_features: int) -> jnp.ndarray:
         shape = (self.kernel_size, self.kernel_size, in_features, self.features)
         return self.param("kernel", self.kernel_init, shape, self.param_dtype)
+
+
+def round_up(count: int, multiple: int) -> int:
+    """The least multiple of `multiple` that is at least `count`."""
+    return -(-count // multiple) * multiple
+
+
+def _pad_channels(x: jnp.ndarray, channels: int) -> jnp.ndarray:
+    """`x` with zeros appended on its last axis up to `channels` (a no-op if there)."""
+    extra = channels - x.shape[-1]
+    if extra < 0:
+        raise ValueError(f"cannot pad {x.shape[-1]} channels down to {channels}")
+    return jnp.pad(x, [(0, 0)] * (x.ndim - 1) + [(0, extra)]) if extra else x
+
+
+def _true_channels(x: jnp.ndarray, channels: int) -> jnp.ndarray:
+    """The first `channels` channels of `x` (a no-op if that is all of them)."""
+    return x[..., :channels] if x.shape[-1] != channels else x
+
+
+def _pad_kernel(kernel: jnp.ndarray, in_channels: int, out_channels: int) -> jnp.ndarray:
+    """An HWIO kernel with zero input rows and output columns up to the given counts."""
+    _, _, ci, co = kernel.shape
+    if (ci, co) == (in_channels, out_channels):
+        return kernel
+    return jnp.pad(kernel, ((0, 0), (0, 0), (0, in_channels - ci), (0, out_channels - co)))
+
+
+def _unbound_conv(conv: ModuleDef, features: int, kernel_size: int) -> nn.Conv:
+    """An unbound instance of the `conv` partial, to read its settings from, refusing the
+    settings the hand-run convolutions below do not reproduce."""
+    instance = conv(features, (kernel_size, kernel_size), parent=None)
+    if (
+        instance.use_bias
+        or instance.feature_group_count != 1
+        or instance.mask is not None
+        or instance.input_dilation not in (None, 1)
+        or instance.kernel_dilation not in (None, 1)
+    ):
+        raise ValueError(
+            "fuse_pointwise and channel_alignment need bias-free, ungrouped, "
+            "undilated, unmasked convolutions"
+        )
+    return instance
+
+
+def _run_conv(conv: nn.Conv, x: jnp.ndarray, kernel: jnp.ndarray, strides: int,
+              kernel_size: int) -> jnp.ndarray:
+    """What `nn.Conv` computes for an NHWC input, torchvision padding and `kernel`."""
+    x, kernel = conv.promote_dtype(x, kernel, dtype=conv.dtype)
+    return lax.conv_general_dilated(
+        x,
+        kernel,
+        (strides, strides),
+        torch_padding(kernel_size),
+        dimension_numbers=("NHWC", "HWIO", "NHWC"),
+        precision=conv.precision,
+    )
+
+
+class AlignedConvNormAct(nn.Module):
+    """`ConvNormAct` (conv without bias, BatchNorm, ReLU; children `'0'` and `'1'` with
+    the same parameters and statistics) computed on channel-padded tensors.
+
+    Takes `x` whose first `in_features` channels are real and the rest zero; returns
+    `round_up(features, alignment)` channels, the first `features` real and the rest
+    exactly zero. The kernel is zero-padded at call time; BatchNorm and the ReLU run on
+    the true channels only, so statistics and their updates are those of
+    `ConvNormAct`.
+    """
+
+    conv: ModuleDef
+    norm: ModuleDef
+    features: int
+    kernel_size: int = 3
+    strides: int = 1
+    alignment: int = 1
+
+    @nn.compact
+    def __call__(self, x: jnp.ndarray, in_features: int) -> jnp.ndarray:
+        k = self.kernel_size
+        conv = _unbound_conv(self.conv, self.features, k)
+        kernel = ConvKernel(self.features, k, conv.kernel_init, conv.param_dtype, name="0")(
+            in_features
+        )
+        kernel = _pad_kernel(kernel, x.shape[-1], round_up(self.features, self.alignment))
+        y = _run_conv(conv, x, kernel, self.strides, k)
+        y = nn.relu(self.norm(name="1")(_true_channels(y, self.features)))
+        return _pad_channels(y, round_up(self.features, self.alignment))
 
 
 class PointwiseUnit(nn.Module):
@@ -110,6 +219,11 @@ class MultiScaleParallelConv(nn.Module):
     reductions, and `branch_1x1` when it does not stride) as one convolution of
     2-3x the width, then splits its output: one read of the input instead of three and
     wider GEMMs, with the same parameters and the same function.
+
+    `channel_alignment` > 1 (module docstring): the input (true channels) is zero-padded
+    to a multiple of it, every branch computes on `round_up(features // 4, alignment)`
+    channels (`AlignedConvNormAct`), and the output holds the `features` true channels
+    followed by zeros up to `round_up(features, alignment)`.
     """
 
     conv: ModuleDef
@@ -118,6 +232,7 @@ class MultiScaleParallelConv(nn.Module):
     strides: int = 1
     max_pool_backward: str = "gather"
     fuse_pointwise: bool = False
+    channel_alignment: int = 1
 
     @nn.compact
     def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
@@ -127,13 +242,28 @@ class MultiScaleParallelConv(nn.Module):
                 f"branch); got {self.features}"
             )
         width = self.features // 4
-        unit = functools.partial(ConvNormAct, self.conv, self.norm, width)
         s = self.strides
+        align = self.channel_alignment
+        in_features = x.shape[-1]
+
+        if align == 1:
+            unit = functools.partial(ConvNormAct, self.conv, self.norm, width)
+        else:
+            x = _pad_channels(x, round_up(in_features, align))
+
+            def unit(kernel_size, strides=1, *, name):
+                aligned = AlignedConvNormAct(
+                    self.conv, self.norm, width, kernel_size, strides, align, name=name
+                )
+                # 1x1 units read the block input, the others a branch's padded output.
+                real = in_features if kernel_size == 1 else width
+                return functools.partial(aligned, in_features=real)
 
         if self.fuse_pointwise:
             names = ("branch_1x1",) if s == 1 else ()
             names += ("branch_3x3_reduce", "branch_5x5_reduce")
-            reduced = dict(zip(names, self._pointwise_together(x, names, width)))
+            reduced = self._pointwise_together(x, names, width, in_features)
+            reduced = dict(zip(names, reduced))
             fine = reduced["branch_1x1"] if s == 1 else unit(1, s, name="branch_1x1")(x)
             local, wide = reduced["branch_3x3_reduce"], reduced["branch_5x5_reduce"]
         else:
@@ -148,33 +278,39 @@ class MultiScaleParallelConv(nn.Module):
         pooled = max_pool_3x3(x, s, self.max_pool_backward)
         pooled = unit(1, name="branch_pool")(pooled)
 
-        return jnp.concatenate([fine, local, wide, pooled], axis=-1)
+        branches = [fine, local, wide, pooled]
+        if align == 1:
+            return jnp.concatenate(branches, axis=-1)
+        # True channels first, then the padding: the layout IASM and the block expect.
+        joined = jnp.concatenate([_true_channels(b, width) for b in branches], axis=-1)
+        return _pad_channels(joined, round_up(self.features, align))
 
-    def _pointwise_together(self, x, names, width) -> list[jnp.ndarray]:
+    def _pointwise_together(self, x, names, width, in_features) -> list[jnp.ndarray]:
         """The 1x1 units `names` on `x` as one convolution, split back per unit.
 
         Kernel initializer, parameter and computation dtypes and precision are those of
         the `conv` every other unit uses (read from an unbound instance of it), so the
-        fused and separate convolutions cannot drift apart.
+        fused and separate convolutions cannot drift apart. With channel alignment each
+        unit's kernel is padded (`AlignedConvNormAct`'s layout) before they are joined.
         """
-        conv = self.conv(width, (1, 1), parent=None)
-        if conv.use_bias or conv.feature_group_count != 1:
-            raise ValueError("fuse_pointwise needs bias-free, ungrouped convolutions")
+        conv = _unbound_conv(self.conv, width, 1)
         units = [
             PointwiseUnit(self.norm, width, conv.kernel_init, conv.param_dtype, name=n)
             for n in names
         ]
-        kernel = jnp.concatenate([u(in_features=x.shape[-1]) for u in units], axis=-1)
-        x, kernel = conv.promote_dtype(x, kernel, dtype=conv.dtype)
-        y = lax.conv_general_dilated(
-            x,
-            kernel,
-            (1, 1),
-            "VALID",
-            dimension_numbers=("NHWC", "HWIO", "NHWC"),
-            precision=conv.precision,
+        padded_width = round_up(width, self.channel_alignment)
+        kernel = jnp.concatenate(
+            [
+                _pad_kernel(u(in_features=in_features), x.shape[-1], padded_width)
+                for u in units
+            ],
+            axis=-1,
         )
-        return [u(part) for u, part in zip(units, jnp.split(y, len(units), axis=-1))]
+        y = _run_conv(conv, x, kernel, 1, 1)
+        return [
+            _pad_channels(u(_true_channels(part, width)), padded_width)
+            for u, part in zip(units, jnp.split(y, len(units), axis=-1))
+        ]
 
 
 class MSFFBlock(nn.Module):
@@ -193,9 +329,11 @@ class MSFFBlock(nn.Module):
     fuse_pointwise: bool
     dtype: Any
     param_dtype: Any
+    channel_alignment: int = 1
 
     @nn.compact
     def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
+        align = self.channel_alignment
         if self.use_msp:
             x = MultiScaleParallelConv(
                 self.conv,
@@ -204,12 +342,18 @@ class MSFFBlock(nn.Module):
                 self.strides,
                 max_pool_backward=self.max_pool_backward,
                 fuse_pointwise=self.fuse_pointwise,
+                channel_alignment=align,
                 name="msp_conv",
             )(x)
-        else:
+        elif align == 1:
             x = ConvNormAct(
                 self.conv, self.norm, self.features, 3, self.strides, name="conv_unit"
             )(x)
+        else:
+            in_features = x.shape[-1]
+            x = AlignedConvNormAct(
+                self.conv, self.norm, self.features, 3, self.strides, align, name="conv_unit"
+            )(_pad_channels(x, round_up(in_features, align)), in_features=in_features)
         if self.use_iasm:
             x = ResidualAttention(
                 channel_attention=self.channel_attention,
@@ -217,12 +361,13 @@ class MSFFBlock(nn.Module):
                 spatial_kernel_size=self.spatial_kernel_size,
                 dtype=self.dtype,
                 param_dtype=self.param_dtype,
+                true_channels=self.features if align > 1 else None,
                 name="iasm",
             )(x)
-        return x
+        return _true_channels(x, self.features)
 
 
-class MSFFEComNet(nn.Module):
+class MSFFNet(nn.Module):
     """The MSFF-EComNet backbone with switches for the Table 2 ablations."""
 
     num_classes: int
@@ -238,19 +383,30 @@ class MSFFEComNet(nn.Module):
     norm_momentum: float = 0.9  # torch BatchNorm2d default momentum 0.1
     norm_epsilon: float = 1e-5
     # Implementation choices that change speed, not the function or the parameters
-    # (checked by tests/test_speed_options.py): how max-pools are differentiated
-    # (`msff_jax.models.max_pool`; 'gather' is deterministic, and on the CPU trained
-    # this model 16-23% faster than XLA's select-and-scatter, BENCHMARKS.md) and
-    # whether MSP-Conv runs its 1x1 convolutions on the block input as one (no gain
-    # measured on the CPU; off until a GPU run says otherwise).
+    # (tests/test_speed_options.py; measurements in BENCHMARKS.md): how max-pools are
+    # differentiated (`msff_jax.models.max_pool`) and whether MSP-Conv runs its 1x1
+    # convolutions on the block input as one.
     max_pool_backward: str = "gather"
     fuse_pointwise: bool = False
+    # Computes MSP-Conv and IASM on channel counts padded to multiples of this (1: no
+    # padding), for accelerators whose fast low-precision convolutions want aligned
+    # channel counts; same parameters and function (module docstring; checked by
+    # tests/test_aligned_channels.py).
+    channel_alignment: int = 1
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
 
     @nn.compact
     def __call__(self, images: jnp.ndarray, train: bool = False) -> jnp.ndarray:
         check_backward(self.max_pool_backward)
+        if (
+            not isinstance(self.channel_alignment, int)
+            or isinstance(self.channel_alignment, bool)
+            or self.channel_alignment < 1
+        ):
+            raise ValueError(
+                f"channel_alignment must be a positive int; got {self.channel_alignment!r}"
+            )
         if self.use_iasm and self.channel_attention not in CHANNEL_ATTENTIONS:
             raise ValueError(
                 f"channel_attention must be one of {CHANNEL_ATTENTIONS}; "
@@ -290,6 +446,7 @@ class MSFFEComNet(nn.Module):
                     fuse_pointwise=self.fuse_pointwise,
                     dtype=self.dtype,
                     param_dtype=self.param_dtype,
+                    channel_alignment=self.channel_alignment,
                     name=f"stage{stage + 1}_block{block}",
                 )(x)
 
@@ -302,7 +459,8 @@ class MSFFEComNet(nn.Module):
         return jnp.asarray(x, jnp.float32)
 
 
-MSFFBase = functools.partial(MSFFEComNet, use_msp=False, use_iasm=False)
-MSFFMultiScale = functools.partial(MSFFEComNet, use_msp=True, use_iasm=False)
-MSFFAttention = functools.partial(MSFFEComNet, use_msp=False, use_iasm=True)
-MSFFFull = functools.partial(MSFFEComNet, use_msp=True, use_iasm=True)
+# One preset per registry name (msff_base, msff_msp, msff_iasm, msff_ecomnet).
+MSFFBase = functools.partial(MSFFNet, use_msp=False, use_iasm=False)
+MSFFMsp = functools.partial(MSFFNet, use_msp=True, use_iasm=False)
+MSFFIasm = functools.partial(MSFFNet, use_msp=False, use_iasm=True)
+MSFFEComNet = functools.partial(MSFFNet, use_msp=True, use_iasm=True)

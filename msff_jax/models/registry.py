@@ -3,8 +3,8 @@
 Each name maps to a linen module class whose defaults are that architecture, or to a
 `functools.partial` preset of one (the MSFF ablations). Overrides are module fields
 (widths, depths, dtype, ...); a field a preset fixes (the ablation switches `use_msp`,
-`use_iasm`) cannot be overridden, so an ablation name always means the variant it says. `TINY_OVERRIDES` shrinks every model to a few thousand
-parameters so tests and the CPU study miniature compile in seconds at 32-64 px (the demo
+`use_iasm`) cannot be overridden, so an ablation name always means the variant it says.
+`TINY_OVERRIDES` shrinks every model to a few thousand parameters so tests and the CPU study miniature compile in seconds at 32-64 px (the demo
 has its own, wider MSFF-EComNet in `configs/demo.py`).
 """
 
@@ -21,14 +21,14 @@ import jax.numpy as jnp
 
 from msff_jax.models.efficientnet import EfficientNet
 from msff_jax.models.mobilenet_v3 import MobileNetV3
-from msff_jax.models.msff import MSFFAttention, MSFFBase, MSFFFull, MSFFMultiScale
+from msff_jax.models.msff import MSFFBase, MSFFEComNet, MSFFIasm, MSFFMsp
 from msff_jax.models.resnet import ResNet
 
 _PRESETS: Dict[str, Callable[..., nn.Module]] = {
     "msff_base": MSFFBase,
-    "msff_msp": MSFFMultiScale,
-    "msff_iasm": MSFFAttention,
-    "msff_ecomnet": MSFFFull,
+    "msff_msp": MSFFMsp,
+    "msff_iasm": MSFFIasm,
+    "msff_ecomnet": MSFFEComNet,
     "resnet50": ResNet,
     "mobilenet_v3_large": MobileNetV3,
     "efficientnet_b0": EfficientNet,

@@ -11,15 +11,26 @@ plus the best one by validation macro-F1. Each checkpoint holds two items:
 Orbax writes a checkpoint into a temporary directory and renames it only once every
 process has finished, so a checkpoint interrupted mid-write (SIGKILL, lost node) is never
 listed, let alone restored.
+
+A machine crash can still leave a listed step with a file missing or cut short (data not
+yet on disk when the power went). Orbax lists such a step and fails deep inside
+TensorStore when restoring it, so resuming (`restore_latest_intact`) tries the steps
+newest first, moves each damaged one aside to WORKDIR/checkpoints_damaged/ with a warning
+(nothing is ever deleted), and stops with a clear error when none restores; it never
+starts from scratch while checkpoints exist. A save that runs out of disk space raises
+`CheckpointWriteError`; the earlier checkpoints are untouched and a rerun resumes.
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import os
+import re
 
 import grain
 import jax
+from absl import logging
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_manager as orbax_checkpoint_manager
 from orbax.checkpoint import checkpoint_managers
@@ -31,8 +42,114 @@ BEST_METRIC = "val_macro_f1"
 METRICS_ITEM = orbax_checkpoint_manager.METRIC_ITEM_NAME
 
 
+# Where damaged steps are moved: beside checkpoints/, so Orbax neither lists nor deletes them.
+DAMAGED_DIR = "checkpoints_damaged"
+
+
+class DamagedCheckpointError(ValueError):
+    """A checkpoint step directory with a file missing, truncated or unreadable."""
+
+
+class CheckpointWriteError(OSError):
+    """A checkpoint could not be written because the disk (or quota) is full."""
+
+
 def checkpoint_dir(workdir: str) -> str:
     return os.path.join(os.path.abspath(workdir), "checkpoints")
+
+
+def _exception_chain(err: BaseException):
+    seen = set()
+    while err is not None and id(err) not in seen:
+        seen.add(id(err))
+        yield err
+        err = err.__cause__ or err.__context__
+
+
+def _short(err: BaseException) -> str:
+    text = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    return text if len(text) <= 400 else text[:400] + "..."
+
+
+# TensorStore's status codes for data that is absent or not what its metadata says.
+_DAMAGE_CODES = re.compile(r"\b(NOT_FOUND|OUT_OF_RANGE|DATA_LOSS|FAILED_PRECONDITION)\b")
+
+
+def _damage_reason(err: BaseException) -> str | None:
+    """Why `err` shows a damaged checkpoint (a file missing, short or unreadable), or
+    None for anything else: a model or config that does not match the checkpoint, or
+    running out of memory, must not make resume skip a good checkpoint."""
+    for e in _exception_chain(err):
+        if isinstance(e, DamagedCheckpointError):
+            return str(e)
+        if isinstance(e, (FileNotFoundError, NotADirectoryError, json.JSONDecodeError, EOFError,
+                          UnicodeDecodeError)):
+            return f"{type(e).__name__}: {_short(e)}"
+        if isinstance(e, KeyError) and "was not found in the checkpoint" in str(e):
+            return _short(e).strip("'\"")
+        if _DAMAGE_CODES.search(str(e)):
+            return _short(e)
+    return None
+
+
+_OUT_OF_SPACE = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
+
+
+def _out_of_space(err: BaseException) -> bool:
+    """Whether `err` (Python's OSError, or TensorStore's error text) is a full disk, a full
+    quota or a file-size limit."""
+    for e in _exception_chain(err):
+        if isinstance(e, OSError) and e.errno in _OUT_OF_SPACE:
+            return True
+        code = re.search(r"os_error_code='?(\d+)", str(e))
+        if code and int(code.group(1)) in _OUT_OF_SPACE:
+            return True
+        if "No space left on device" in str(e) or "Disk quota exceeded" in str(e):
+            return True
+    return False
+
+
+def _write_error(manager: ocp.CheckpointManager, err: BaseException) -> CheckpointWriteError:
+    directory = str(manager.directory)
+    failed = re.search(r"/(\d+)\.orbax-checkpoint-tmp", str(err))
+    which = f"step {failed.group(1)}" if failed else "a checkpoint"
+    kept = _step_dirs(directory)  # On disk: Orbax's own list may already omit steps it means to rotate out.
+    return CheckpointWriteError(
+        f"saving {which} under {directory} failed: the disk is full (or the quota or file-size "
+        f"limit is reached): {_short(err)}. The checkpoints already written "
+        f"({', '.join(map(str, kept)) or 'none'}) are intact and the unfinished one is never "
+        "restored; free some space and rerun the same command to resume.")
+
+
+def _step_dirs(directory: str) -> list[int]:
+    return sorted(int(n) for n in os.listdir(directory) if n.isdigit()) if os.path.isdir(directory) else []
+
+
+def _set_aside(directory: str, step: int) -> str:
+    """Moves step directory `step` to WORKDIR/checkpoints_damaged/ (never deletes it)."""
+    root = os.path.join(os.path.dirname(directory), DAMAGED_DIR)
+    os.makedirs(root, exist_ok=True)
+    target, n = os.path.join(root, str(step)), 0
+    while os.path.exists(target):
+        n += 1
+        target = os.path.join(root, f"{step}-{n}")
+    os.rename(os.path.join(directory, str(step)), target)
+    return target
+
+
+def _unreadable_metrics(directory: str) -> dict[int, str]:
+    """Steps whose STEP/metrics/metrics is not JSON: Orbax reads them all when the manager
+    starts and fails with a bare JSONDecodeError naming no file."""
+    damaged = {}
+    for step in _step_dirs(directory):
+        path = os.path.join(directory, str(step), METRICS_ITEM, METRICS_ITEM)
+        if os.path.isfile(path):
+            try:
+                with open(path, encoding="utf-8") as f:
+                    json.load(f)
+            except (OSError, ValueError) as err:
+                damaged[step] = f"{path}: unreadable metrics ({_short(err)})"
+    return damaged
 
 
 def _best_metric(metrics) -> float:
@@ -42,7 +159,27 @@ def _best_metric(metrics) -> float:
 def make_manager(workdir: str, config, *, read_only: bool = False) -> ocp.CheckpointManager:
     """Keeps the latest `checkpoint.keep` plus the best by `val_macro_f1`. The training
     loop decides when to save (every `checkpoint.every_steps` steps, at evaluations, on
-    preemption) and always forces the save, so the manager has no interval of its own."""
+    preemption) and always forces the save, so the manager has no interval of its own.
+
+    A step whose metrics file is unreadable (a machine crash) is moved aside with a
+    warning when training (`read_only=False`); reading (eval, export) stops with an error
+    naming it.
+    """
+    from msff_jax.train import distributed
+
+    directory = checkpoint_dir(workdir)
+    damaged = _unreadable_metrics(directory)
+    if damaged and read_only:
+        raise DamagedCheckpointError(
+            "; ".join(damaged.values()) + ". The checkpoint is damaged: move its step directory "
+            f"out of {directory} (training does so itself, to {DAMAGED_DIR}/) and choose another.")
+    if damaged:
+        distributed.barrier("checkpoint metrics checked")
+        if distributed.is_primary():
+            for step, reason in damaged.items():
+                logging.warning("checkpoint %s/%d is damaged (%s); moved to %s", directory, step,
+                                reason, _set_aside(directory, step))
+        distributed.barrier("damaged checkpoints moved aside")
     preservation = checkpoint_managers.AnyPreservationPolicy([
         checkpoint_managers.LatestN(n=max(1, int(config.checkpoint.keep))),
         checkpoint_managers.BestN(get_metric_fn=_best_metric, reverse=False, n=1,
@@ -84,7 +221,22 @@ def save(manager: ocp.CheckpointManager, step: int, state, data_iterator, *,
     })
     if force and step in manager.all_steps():
         return False  # Already saved at this step (e.g. periodic save, then the final one).
-    return manager.save(step, args=args, metrics=metrics, force=force)
+    try:
+        return manager.save(step, args=args, metrics=metrics, force=force)
+    except Exception as err:  # An asynchronous save's failure surfaces at the next one.
+        if _out_of_space(err):
+            raise _write_error(manager, err) from err
+        raise
+
+
+def wait_until_finished(manager: ocp.CheckpointManager) -> None:
+    """Waits for a pending asynchronous save; a full disk raises `CheckpointWriteError`."""
+    try:
+        manager.wait_until_finished()
+    except Exception as err:
+        if _out_of_space(err):
+            raise _write_error(manager, err) from err
+        raise
 
 
 def add_metrics(manager: ocp.CheckpointManager, step: int, metrics: dict) -> None:
@@ -115,19 +267,76 @@ def add_metrics(manager: ocp.CheckpointManager, step: int, metrics: dict) -> Non
 def _read_position(path: str) -> dict:
     try:
         with open(path) as f:
-            return json.load(f)
-    except (OSError, json.JSONDecodeError) as err:
-        raise ValueError(f"{path}: unreadable data-iterator position ({err})") from err
+            position = json.load(f)
+    except (OSError, ValueError) as err:
+        raise DamagedCheckpointError(f"{path}: unreadable data-iterator position ({err})") from err
+    if not isinstance(position, dict) or "next_batch" not in position:
+        raise DamagedCheckpointError(f"{path}: the data-iterator position lacks 'next_batch'")
+    return position
 
 
 def restore(manager: ocp.CheckpointManager, step: int, abstract_state, data_iterator=None):
     """Restores the state into the shardings of `abstract_state`, and the iterator's
-    position into `data_iterator` (unless None)."""
-    restored = manager.restore(step, args=ocp.args.Composite(
-        **{STATE_ITEM: ocp.args.StandardRestore(abstract_state)}))
+    position into `data_iterator` (unless None).
+
+    A step directory with a file missing, cut short or unreadable raises
+    `DamagedCheckpointError` naming it; any other failure (a model that does not match
+    the checkpoint, memory) propagates unchanged.
+    """
+    position = None if data_iterator is None else saved_iterator_state(manager, step)
+    try:
+        restored = manager.restore(step, args=ocp.args.Composite(
+            **{STATE_ITEM: ocp.args.StandardRestore(abstract_state)}))
+    except Exception as err:
+        reason = _damage_reason(err)
+        if reason is None:
+            raise
+        raise DamagedCheckpointError(
+            f"{manager.directory}/{step}: the checkpoint is damaged (a file missing, cut short or "
+            f"unreadable): {reason}") from err
     if data_iterator is not None:
-        data_iterator.set_state(saved_iterator_state(manager, step))
+        data_iterator.set_state(position)
     return restored[STATE_ITEM]
+
+
+def restore_latest_intact(manager: ocp.CheckpointManager, abstract_state, data_iterator=None):
+    """(step, state) of the newest checkpoint that restores, or (None, None) when there
+    is no checkpoint at all: resuming after a crash of the machine.
+
+    Each damaged step tried on the way (newer than the one restored) is named in a
+    warning and moved to WORKDIR/checkpoints_damaged/, so that the resumed run can save
+    that step again and the damaged copy is neither listed, chosen as the best, nor
+    counted among the kept ones. Nothing is deleted. When every step is damaged this
+    raises `DamagedCheckpointError` listing them and moves nothing: training never starts
+    from scratch over existing checkpoints.
+    """
+    from msff_jax.train import distributed
+
+    directory = str(manager.directory)
+    damaged = []
+    for step in sorted(manager.all_steps(), reverse=True):
+        try:
+            state = restore(manager, step, abstract_state, data_iterator)
+        except DamagedCheckpointError as err:
+            logging.warning("checkpoint %s/%d cannot be restored, trying the next older one: %s",
+                            directory, step, err)
+            damaged.append(str(err))
+            continue
+        if damaged:
+            distributed.barrier(f"checkpoint {step} restored")
+            if distributed.is_primary():
+                for bad in sorted(set(manager.all_steps()) - set(range(step + 1))):
+                    logging.warning("moved the damaged checkpoint %s/%d to %s", directory, bad,
+                                    _set_aside(directory, bad))
+            distributed.barrier("damaged checkpoints moved aside")
+            manager.reload()
+        return step, state
+    if damaged:
+        raise DamagedCheckpointError(
+            f"no checkpoint under {directory} can be restored: {'; '.join(damaged)}. Nothing was "
+            "moved or deleted. Training does not start from scratch while checkpoints exist: "
+            f"repair them, or move {directory} away to train afresh.")
+    return None, None
 
 
 def saved_iterator_state(manager: ocp.CheckpointManager, step: int) -> dict:
@@ -145,8 +354,8 @@ def saved_iterator_state(manager: ocp.CheckpointManager, step: int) -> dict:
     names = sorted(n for n in os.listdir(directory) if n.startswith("process_") and n.endswith(".json")) \
         if os.path.isdir(directory) else []
     if not names:
-        raise FileNotFoundError(f"{directory} holds no data-iterator position "
-                                "(process_*-of-*.json); the checkpoint is incomplete.")
+        raise DamagedCheckpointError(f"{directory} holds no data-iterator position "
+                                     "(process_*-of-*.json); the checkpoint is incomplete.")
     states = {name: _read_position(os.path.join(directory, name)) for name in names}
     first = next(iter(states.values()))
     differing = [name for name, state in states.items() if state != first]
@@ -157,13 +366,13 @@ def saved_iterator_state(manager: ocp.CheckpointManager, step: int) -> dict:
     return first
 
 
-def restore_for_inference(config, workdir: str, which: str = "best"):
+def restore_for_inference(config, workdir: str, which: str = "best", mesh=None):
     """(variables, step) for inference: `{'params', 'batch_stats'}`, with the EMA
     parameters in 'params' when the run kept an EMA.
 
     `which='best'` is the checkpoint with the highest validation macro-F1 (the latest if
-    none was evaluated yet); `'latest'` the most recent. Arrays land replicated on this
-    process's devices, whatever machine wrote them.
+    none was evaluated yet); `'latest'` the most recent. Arrays land replicated on `mesh`
+    (default: this process's devices), whatever machine wrote them.
     """
     from msff_jax.train import mesh as mesh_lib
     from msff_jax.train import optimizers
@@ -183,7 +392,7 @@ def restore_for_inference(config, workdir: str, which: str = "best"):
         raise FileNotFoundError(f"{directory} holds no finished checkpoint.")
     model = train_state_lib.build_model(config)
     tx = optimizers.make_optimizer(config, steps_per_epoch=1)  # Only its state's shapes matter.
-    mesh = mesh_lib.make_mesh((-1, 1), devices=jax.local_devices())
+    mesh = mesh or mesh_lib.make_mesh((-1, 1), devices=jax.local_devices())
     abstract = train_state_lib.abstract_train_state(config, model, tx, mesh, jax.random.PRNGKey(0))
     state = restore(manager, step, abstract)
     manager.close()

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 
+import jax
 import numpy as np
 
 TOP_K = 5
@@ -24,11 +25,20 @@ class EvalAccumulator:
         self.confusion = np.zeros((num_classes, num_classes), np.int64)
         self.top_k_hits = 0
         self.count = 0
+        # Per-image answers for WORKDIR/test_predictions.npz (the study's paired tests).
+        self._labels, self._predicted, self._top_k, self._index = [], [], [], []
 
-    def update(self, logits, labels, mask) -> None:
+    def update(self, logits, labels, mask, index=None) -> None:
+        """`index`: each row's record position in the split (padding rows included), so
+        the saved per-image arrays come out in dataset order whatever the process count;
+        without it, rows are numbered in the order they arrive."""
         logits = np.asarray(logits)
         labels = np.asarray(labels).astype(np.int64)
         mask = np.asarray(mask).astype(bool)
+        if index is None:
+            index = self.count + np.arange(int(mask.sum()))
+        else:
+            index = np.asarray(index).astype(np.int64)[mask]
         logits, labels = logits[mask], labels[mask]
         if labels.size and (labels.min() < 0 or labels.max() >= self.num_classes):
             raise ValueError(f"labels outside [0, {self.num_classes}) in an eval batch: "
@@ -40,6 +50,26 @@ class EvalAccumulator:
         top_k = np.argsort(-logits, axis=-1, kind="stable")[:, :k]
         self.top_k_hits += int((top_k == labels[:, None]).any(-1).sum())
         self.count += int(labels.size)
+        self._labels.append(labels.astype(np.int32))
+        self._predicted.append(predictions.astype(np.int32))
+        self._top_k.append(top_k.astype(np.int16))
+        self._index.append(index)
+
+    def per_image(self) -> dict:
+        """{'index', 'label', 'predicted', 'top_k'} over every unmasked image, sorted by
+        record index (dataset order). `predicted` is the top-1 class (argmax)."""
+        if not self._labels:
+            return {"index": np.zeros(0, np.int64), "label": np.zeros(0, np.int32),
+                    "predicted": np.zeros(0, np.int32),
+                    "top_k": np.zeros((0, min(TOP_K, self.num_classes)), np.int16)}
+        index = np.concatenate(self._index)
+        order = np.argsort(index, kind="stable")
+        if np.any(np.diff(index[order]) == 0):
+            raise ValueError("evaluation saw an image twice (repeated record index); the "
+                             "eval batches overlap")
+        return {"index": index[order], "label": np.concatenate(self._labels)[order],
+                "predicted": np.concatenate(self._predicted)[order],
+                "top_k": np.concatenate(self._top_k)[order]}
 
 
 def metrics_from_confusion(confusion: np.ndarray) -> dict:
@@ -73,17 +103,35 @@ def evaluate(eval_step, variables, global_batches, num_classes: int) -> EvalAccu
     accumulator = EvalAccumulator(num_classes)
     for batch in global_batches:
         out = eval_step(variables, batch)
-        accumulator.update(out["logits"], out["label"], out["mask"])
+        index = _global_values(batch["index"]) if "index" in batch else None
+        accumulator.update(out["logits"], out["label"], out["mask"], index=index)
     if accumulator.count == 0:
         raise ValueError("the evaluation split produced no examples")
     return accumulator
+
+
+def _global_values(array) -> np.ndarray:
+    """All rows of a global batch array on every process (a collective when the array
+    spans several processes: every process calls it for every batch)."""
+    if getattr(array, "is_fully_addressable", True):
+        return np.asarray(jax.device_get(array))
+    from jax.experimental import multihost_utils
+
+    return np.asarray(multihost_utils.process_allgather(array, tiled=True))
+
+
+class EvalResults(dict):
+    """The eval_results.json document, plus the per-image arrays as an attribute
+    (`predictions`, from `EvalAccumulator.per_image`) so they never enter the JSON."""
+
+    predictions: dict | None = None
 
 
 def eval_results(accumulator: EvalAccumulator, *, model: str, split: str, step: int,
                  class_names, num_params: int) -> dict:
     """The `eval_results.json` document (ARCHITECTURE.md); fractions in 0..1."""
     measures = metrics_from_confusion(accumulator.confusion)
-    return {
+    results = EvalResults({
         "model": model,
         "split": split,
         "step": int(step),
@@ -97,7 +145,9 @@ def eval_results(accumulator: EvalAccumulator, *, model: str, split: str, step: 
         "confusion_matrix": accumulator.confusion.tolist(),
         "class_names": list(class_names),
         "num_params": int(num_params),
-    }
+    })
+    results.predictions = accumulator.per_image()
+    return results
 
 
 def write_eval_results(workdir: str, results: dict, filename: str = "eval_results.json") -> str:
@@ -106,6 +156,26 @@ def write_eval_results(workdir: str, results: dict, filename: str = "eval_result
     tmp = path + ".tmp"
     with open(tmp, "w") as f:
         json.dump(results, f, indent=2)
+    os.replace(tmp, path)
+    return path
+
+
+PREDICTIONS_FILE = "test_predictions.npz"
+
+
+def write_predictions(workdir: str, results: dict, filename: str = PREDICTIONS_FILE) -> str | None:
+    """Per-image answers of one evaluation as an .npz (np.savez, no pickle): `index`
+    (record position in the split), `label`, `predicted` (top-1), `top_k` (int16, best
+    first), and 0-d `model`, `split`, `step`. The study report recomputes its statistics
+    from these files without a GPU. Written atomically; None when `results` has none."""
+    predictions = getattr(results, "predictions", None)
+    if predictions is None:
+        return None
+    path = os.path.join(workdir, filename)
+    tmp = path + ".tmp"
+    with open(tmp, "wb") as f:  # A file object: np.savez would append .npz to a name.
+        np.savez(f, **predictions, model=np.str_(results["model"]),
+                 split=np.str_(results["split"]), step=np.int64(results["step"]))
     os.replace(tmp, path)
     return path
 

@@ -8,22 +8,25 @@ the same code; only process 0 writes logs, summaries and reports.
 from __future__ import annotations
 
 import os
-import signal
 import time
 
 import jax
 import numpy as np
 from absl import logging
-from clu import metric_writers, periodic_actions
+# clu's writers, or stand-ins that log without TensorFlow (see metric_log).
+from msff_jax.train.metric_log import metric_writers, periodic_actions
 
 from data_pipeline.records import device_feed
 from data_pipeline.records import reader
+from msff_jax import console
 from msff_jax.models import count_params
 from msff_jax.train import checkpoints as checkpointing
 from msff_jax.train import config_checks
 from msff_jax.train import distributed
 from msff_jax.train import evaluation
 from msff_jax.train import optimizers
+from msff_jax.train import preemption
+from msff_jax.train import run_summary
 from msff_jax.train import steps
 from msff_jax.train import mesh as mesh_lib
 from msff_jax.train import state as train_state_lib
@@ -48,8 +51,7 @@ def _reader_options(config, *, train: bool) -> dict:
     options = config.data.to_dict()
     if not train:
         options = {k: v for k, v in options.items()
-                   if k in ("worker_count", "read_threads", "prefetch_buffer", "verify_checksums",
-                            "image_backend")}
+                   if k in ("worker_count", "read_threads", "prefetch_buffer", "verify_checksums")}
     return options
 
 
@@ -62,23 +64,46 @@ def make_train_input(config):
         **_reader_options(config, train=True))
 
 
-def global_eval_batches(config, split: str, mesh):
-    """Global eval batches; every example exactly once, padding masked."""
+def global_eval_batches(config, split: str, mesh, *, step: int | None = None, phase: str = "eval"):
+    """Global eval batches; every example exactly once, padding masked.
+
+    Raises `EvaluationInterrupted` once a SIGTERM has come (checked before every batch;
+    with several processes, agreed every PREEMPTION_SYNC_EVERY_STEPS batches). Its decode
+    workers stop and their shared memory is freed however the evaluation ends."""
     dataset = reader.make_eval_iterator(
         config.data_dir, split=split, global_batch_size=config.eval_batch_size,
         image_size=config.image_size, process_index=jax.process_index(),
         process_count=jax.process_count(), **_reader_options(config, train=False))
     sharding = mesh_lib.batch_sharding(mesh)
-    for local_batch in dataset:
-        yield device_feed.to_global_batch(local_batch, sharding)
+    # Each row's record position (the reader's layout: process p takes padded positions
+    # p, p + P, ...), carried like the labels so per-image results come out in dataset order.
+    process, count = jax.process_index(), jax.process_count()
+    iterator = iter(dataset)
+    try:
+        preemption.signal_point(f"{phase}_start", step)
+        for number, local_batch in enumerate(iterator):
+            if number == 0:
+                preemption.signal_point(f"{phase}_running", step)
+            if (count == 1 or number % PREEMPTION_SYNC_EVERY_STEPS == 0) and _stop_agreed():
+                raise EvaluationInterrupted(f"{split} evaluation of step {step} abandoned at batch "
+                                            f"{number}: SIGTERM")
+            rows = len(local_batch["label"])
+            local_batch = dict(local_batch, index=process + count * (number * rows + np.arange(rows)))
+            yield device_feed.to_global_batch(local_batch, sharding)
+    finally:
+        if hasattr(iterator, "close"):
+            iterator.close()
+        reader.release_shared_memory()
 
 
 # ------------------------------------------------------------------------- evaluation
 
 
 def run_evaluation(config, eval_step, variables, mesh, *, split: str, step: int,
-                   class_names) -> dict:
-    accumulator = evaluation.evaluate(eval_step, variables, global_eval_batches(config, split, mesh),
+                   class_names, phase: str = "eval") -> dict:
+    preemption.set_phase(f"the {split} evaluation of step {step}")
+    accumulator = evaluation.evaluate(eval_step, variables,
+                                      global_eval_batches(config, split, mesh, step=step, phase=phase),
                                       config.num_classes)
     return evaluation.eval_results(accumulator, model=config.model, split=split, step=step,
                                    class_names=class_names,
@@ -103,7 +128,9 @@ def publish_evaluation(results: dict, writer, workdir: str, *, report_name: str 
         np.asarray(results["confusion_matrix"]), results["class_names"], png,
         title=f"{results['model']} on {split}, step {step}")
     writer.write_images(step, {f"{split}/confusion_matrix": image[None]})
-    if report_name:
+    if report_name:  # Predictions first: an eval_results.json marks a finished run.
+        evaluation.write_predictions(workdir, results, evaluation.PREDICTIONS_FILE if final
+                                     else f"{report_name}_predictions.npz")
         evaluation.write_eval_results(workdir, results, f"{report_name}.json")
     logging.info("%s step %d: top1 %.4f top5 %.4f macro-F1 %.4f (%d examples)", split, step,
                  results["top1"], results["top5"], results["macro_f1"], results["num_examples"])
@@ -112,25 +139,31 @@ def publish_evaluation(results: dict, writer, workdir: str, *, report_name: str 
 # ---------------------------------------------------------------------- preemption
 
 
-class PreemptionFlag:
-    """SIGTERM sets a flag; the loop checks it between steps, saves, and exits cleanly."""
+class EvaluationInterrupted(Exception):
+    """A SIGTERM came during an evaluation, which was abandoned: the grace period is for
+    the save. A step saved without its evaluation is evaluated by the resumed run."""
 
-    def __init__(self):
-        self.requested = False
-        self._previous = None
+
+class PreemptionFlag:
+    """The loop's view of `msff_jax.train.preemption`: `requested` turns True once a
+    SIGTERM has come. The signal is taken from the start of the process (see that
+    module), so it interrupts nothing; the loop stops where stopping is safe."""
 
     def __enter__(self):
-        def handler(signum, frame):
-            del frame
-            logging.warning("signal %d received: saving a checkpoint and stopping", signum)
-            self.requested = True
-
-        self._previous = signal.signal(signal.SIGTERM, handler)
         return self
 
     def __exit__(self, *exc):
-        signal.signal(signal.SIGTERM, self._previous or signal.SIG_DFL)
         return False
+
+    @property
+    def requested(self) -> bool:
+        return preemption.requested()
+
+
+def _stop_agreed() -> bool:
+    """Whether to stop: a SIGTERM came to any process (a collective when there are
+    several: call it on every process at the same point)."""
+    return distributed.any_process(preemption.requested())
 
 
 # ---------------------------------------------------------------------------- helpers
@@ -168,7 +201,19 @@ def train_and_evaluate(config, workdir: str) -> dict:
 
     The final report (eval_results.json) evaluates the best checkpoint by validation
     macro-F1 on `test_split` when the manifest has it, else on `eval_split`.
+
+    A SIGTERM at any moment (see `msff_jax.train.preemption`) saves the step reached, if
+    not saved yet, and returns `{"preempted_at_step": step}`; rerunning resumes. Decode
+    workers and their shared memory are released however it ends.
     """
+    with preemption.listening():
+        try:
+            return _train_and_evaluate(config, workdir)
+        finally:
+            reader.release_shared_memory()
+
+
+def _train_and_evaluate(config, workdir: str) -> dict:
     workdir = os.path.abspath(workdir)
     os.makedirs(workdir, exist_ok=True)
 
@@ -179,6 +224,8 @@ def train_and_evaluate(config, workdir: str) -> dict:
     steps_per_epoch = max(1, num_train // config.batch_size)
     total_steps = optimizers.total_train_steps(config, steps_per_epoch)
     eval_every = config.eval_every_steps if config.eval_every_steps > 0 else steps_per_epoch
+    config_checks.check_resume(config, workdir)  # Before config.json is replaced.
+    run_start = time.monotonic()
     _write_config(config, workdir)
 
     # ---------------------------------------------------------------- logging
@@ -197,13 +244,20 @@ def train_and_evaluate(config, workdir: str) -> dict:
     rng = jax.random.PRNGKey(config.seed)
 
     # ---------------------------------------------------------------- state and input
+    preemption.signal_point("startup")
+    if _stop_agreed():  # Before this run trained anything: nothing new to save.
+        logging.warning("preempted during start-up: nothing new to save; rerun the same command "
+                        "to resume")
+        writer.close()
+        return {"preempted_at_step": None}
+    preemption.set_phase("data start-up and restore")
     train_input = make_train_input(config)
     manager = checkpointing.make_manager(workdir, config)
     abstract_state = train_state_lib.abstract_train_state(config, model, tx, mesh, rng)
-    latest = manager.latest_step()
+    # The newest intact checkpoint; damaged newer ones are named and moved aside.
+    latest, state = checkpointing.restore_latest_intact(manager, abstract_state, train_input)
     if latest is not None:
         logging.info("resuming from %s step %d", checkpointing.checkpoint_dir(workdir), latest)
-        state = checkpointing.restore(manager, latest, abstract_state, train_input)
     else:
         state = train_state_lib.create_train_state(config, model, tx, mesh, rng, abstract_state)
         if config.pretrained_path:
@@ -217,6 +271,10 @@ def train_and_evaluate(config, workdir: str) -> dict:
     step = int(jax.device_get(state.step))
     num_params = count_params({"params": state.params})
     logging.info("%s: %d parameters", config.model, num_params)
+    for line in run_summary.startup_lines(
+            config, workdir, manifest, mesh, num_params=num_params, steps_per_epoch=steps_per_epoch,
+            total_steps=total_steps, eval_every=eval_every, step=step):
+        console.say(line)
 
     # ---------------------------------------------------------------- steps
     train_step = steps.make_train_step(config, model, tx, mesh)
@@ -228,12 +286,18 @@ def train_and_evaluate(config, workdir: str) -> dict:
     # A preemption that lands on an evaluation step saves without evaluating (the grace
     # period is for the save), so the restored step may still owe its evaluation.
     latest_results = None
+    preempted = False
     if latest is not None and evaluation_due(step) and manager.metrics(step) is None:
         logging.info("step %d was saved without its evaluation (preempted); evaluating it now", step)
-        latest_results = run_evaluation(config, eval_step, state.eval_variables(), mesh,
-                                        split=config.eval_split, step=step, class_names=class_names)
-        publish_evaluation(latest_results, writer, workdir, report_name=None)
-        checkpointing.add_metrics(manager, step, {checkpointing.BEST_METRIC: latest_results["macro_f1"]})
+        try:
+            latest_results = run_evaluation(config, eval_step, state.eval_variables(), mesh,
+                                            split=config.eval_split, step=step, class_names=class_names)
+        except EvaluationInterrupted as err:
+            logging.warning("%s", err)
+            preempted = True
+        else:
+            publish_evaluation(latest_results, writer, workdir, report_name=None)
+            checkpointing.add_metrics(manager, step, {checkpointing.BEST_METRIC: latest_results["macro_f1"]})
 
     # ---------------------------------------------------------------- periodic actions
     hooks = []
@@ -249,22 +313,47 @@ def train_and_evaluate(config, workdir: str) -> dict:
 
     # ---------------------------------------------------------------- loop
     pending, pending_first_step = [], step + 1
+    start_step = step  # This process's first interval includes compilation.
     window_start, window_steps = time.monotonic(), 0
-    preempted = False
+    first_step_done = False
+    # A SIGTERM before the first step of this run: the restored checkpoint (if any) is
+    # where the rerun starts, so there is nothing new to save.
+    preempted = preempted or _stop_agreed()
+    if preempted:
+        logging.warning("preempted before training from step %d: nothing new to save; rerun the "
+                        "same command to resume", step)
     try:
-        with PreemptionFlag() as preemption:
-            while step < total_steps:
+        with PreemptionFlag():
+            preemption.set_phase("training")
+            if not preempted:
+                preemption.signal_point("first_batch")  # As the decode workers start.
+            while step < total_steps and not preempted:
+                preemption.set_phase("training")
                 with jax.profiler.StepTraceAnnotation("train", step_num=step):
                     batch = next(train_iter)
+                    # A SIGTERM while the first batch came (decode workers starting): stop
+                    # before compiling the step. Nothing is saved, so the drawn batch is not
+                    # lost: the rerun starts from the same checkpoint (or afresh).
+                    if not first_step_done and _stop_agreed():
+                        preempted = True
+                        logging.warning("preempted before training from step %d: nothing new to "
+                                        "save; rerun the same command to resume", step)
+                        break
                     state, metrics = train_step(state, batch)
                 step += 1
+                preemption.signal_point("train_step", step)
                 window_steps += 1
                 pending.append(metrics)
+                if not first_step_done:  # Start-up cost a user waits for, compilation included.
+                    first_step_done = True
+                    jax.block_until_ready(metrics)
+                    logging.info("first training step (step %d) done %.1f s after the loop started",
+                                 step, time.monotonic() - window_start)
                 for hook in hooks:
                     hook(step)
 
                 if jax.process_count() == 1 or step % PREEMPTION_SYNC_EVERY_STEPS == 0:
-                    preempted = distributed.any_process(preemption.requested)
+                    preempted = _stop_agreed()
                 is_last = step == total_steps
                 eval_due = evaluation_due(step)
                 save_due = (config.checkpoint.every_steps > 0
@@ -276,19 +365,37 @@ def train_and_evaluate(config, workdir: str) -> dict:
                     means["learning_rate"] = float(schedule(step - 1))
                     writer.write_scalars(step, {f"train/{k}": v for k, v in means.items()})
                     writer.flush()
+                    if step % config.log_every_steps == 0 or is_last:
+                        console.say(run_summary.progress_line(
+                            step, total_steps, steps_per_epoch, means, config.batch_size,
+                            includes_compilation=step - window_steps == start_step))
                     pending, pending_first_step = [], step + 1
                     window_start, window_steps = time.monotonic(), 0
 
                 checkpoint_metrics = None
                 if eval_due and not preempted:
-                    latest_results = run_evaluation(config, eval_step, state.eval_variables(), mesh,
-                                                    split=config.eval_split, step=step,
-                                                    class_names=class_names)
-                    publish_evaluation(latest_results, writer, workdir, report_name=None)
-                    checkpoint_metrics = {checkpointing.BEST_METRIC: latest_results["macro_f1"]}
+                    try:
+                        latest_results = run_evaluation(config, eval_step, state.eval_variables(),
+                                                        mesh, split=config.eval_split, step=step,
+                                                        class_names=class_names)
+                    except EvaluationInterrupted as err:  # Saved unevaluated; the rerun evaluates.
+                        logging.warning("%s", err)
+                        preempted = True
+                    else:
+                        publish_evaluation(latest_results, writer, workdir, report_name=None)
+                        checkpoint_metrics = {checkpointing.BEST_METRIC: latest_results["macro_f1"]}
                 if save_due:
+                    preemption.set_phase(f"the checkpoint save of step {step}")
                     checkpointing.save(manager, step, state, train_iter, metrics=checkpoint_metrics,
                                        force=True)
+                    preemption.signal_point("preemption_save" if preempted else "save", step)
+                    if not preempted and jax.process_count() == 1:  # A SIGTERM during the save.
+                        preempted = preemption.requested()
+                said = [run_summary.eval_line(latest_results)] if checkpoint_metrics else []
+                if save_due:
+                    said.append(f"checkpoint step {step} saved")
+                if said:
+                    console.say("; ".join(said))
                 if window_steps == 0:  # Evaluation and saving stay out of the next figure.
                     window_start = time.monotonic()
                 if preempted:
@@ -299,7 +406,10 @@ def train_and_evaluate(config, workdir: str) -> dict:
     finally:
         # Pending asynchronous saves finish even when the loop raises (non-finite loss),
         # so the last good checkpoint is complete on disk.
-        manager.wait_until_finished()
+        checkpointing.wait_until_finished(manager)  # A full disk: CheckpointWriteError.
+        train_iter.close()  # Its decode workers stop here, however the loop ended.
+    # A SIGTERM after the last save: the rerun writes the final report.
+    preempted = preempted or _stop_agreed()
     if preempted:
         manager.close()
         train_iter.close()
@@ -318,9 +428,24 @@ def train_and_evaluate(config, workdir: str) -> dict:
     if final_split == config.eval_split and report_step == step and latest_results is not None:
         results = latest_results
     else:
-        results = run_evaluation(config, eval_step, variables, mesh, split=final_split,
-                                 step=report_step, class_names=class_names)
+        try:
+            results = run_evaluation(config, eval_step, variables, mesh, split=final_split,
+                                     step=report_step, class_names=class_names, phase="final_report")
+        except EvaluationInterrupted as err:
+            logging.warning("%s; checkpoint step %d is complete: rerun the same command to write "
+                            "the final report", err, step)
+            writer.close()
+            manager.close()
+            return {"preempted_at_step": step}
     publish_evaluation(results, writer, workdir, report_name=FINAL_REPORT)
+    if distributed.is_primary():
+        elapsed = time.monotonic() - run_start
+        run_summary.write_summary(config, workdir, results, best_step=best, latest_step=step,
+                                  steps_per_epoch=steps_per_epoch, elapsed=elapsed,
+                                  num_params=num_params)
+        for line in run_summary.final_lines(workdir, results, best_step=best, latest_step=step,
+                                            elapsed=elapsed):
+            console.say(line)
     writer.close()
     manager.close()
     train_iter.close()
@@ -339,21 +464,15 @@ def evaluate_checkpoint(config, workdir: str, *, which: str = "best", split: str
         raise ValueError(f"--eval_split={split!r} is not in {config.data_dir}/manifest.json (it "
                          f"has {sorted(manifest['splits'])}).")
     mesh = mesh_lib.make_mesh(config.mesh_shape)
-    model = train_state_lib.build_model(config)
-    tx = optimizers.make_optimizer(config, steps_per_epoch=1)
-    manager = checkpointing.make_manager(workdir, config, read_only=True)
-    step = manager.best_step() if which == "best" else None
-    step = manager.latest_step() if step is None else step
-    if step is None:
-        raise FileNotFoundError(f"no finished checkpoint under {checkpointing.checkpoint_dir(workdir)}; "
-                                "train first.")
-    abstract = train_state_lib.abstract_train_state(config, model, tx, mesh, jax.random.PRNGKey(config.seed))
-    state = checkpointing.restore(manager, step, abstract)
-    manager.close()
+    variables, step = checkpointing.restore_for_inference(config, workdir, which=which, mesh=mesh)
     writer = metric_writers.create_default_writer(
         os.path.join(workdir, "tensorboard"), just_logging=not distributed.is_primary())
-    results = run_evaluation(config, steps.make_eval_step(config, model, mesh), state.eval_variables(),
+    model = train_state_lib.build_model(config)
+    results = run_evaluation(config, steps.make_eval_step(config, model, mesh), variables,
                              mesh, split=split, step=step, class_names=manifest["class_names"])
     publish_evaluation(results, writer, workdir, report_name=f"eval_{split}_step{step}")
+    console.say(run_summary.eval_line(results))
+    console.say(f"  wrote {os.path.join(workdir, f'eval_{split}_step{step}.json')} and its "
+                "confusion matrix")
     writer.close()
     return results

@@ -107,14 +107,19 @@ def _events(trace: dict) -> tuple[list[dict], str, int]:
 
 
 def summarise_trace(
-    path: Path, steps: int, top: int = 25, expect_device: bool = False
+    path: Path,
+    steps: int,
+    top: int = 25,
+    expect_device: bool = False,
+    classify: Callable[[str], str] | None = None,
 ) -> dict[str, Any]:
     """Per-kernel and per-kind totals of a Perfetto JSON trace, per step and device, in ms.
 
     With several devices (data parallelism: each runs the same kernels) the totals are
     divided by the device count. `expect_device` (an accelerator ran the steps) adds a
     warning to the summary when the trace holds no device events, e.g. when the GPU
-    tracer was unavailable: host events then say nothing about kernels.
+    tracer was unavailable: host events then say nothing about kernels. `classify`
+    maps a kernel name to its kind (default `kernel_kind`).
     """
     path = Path(path)
     try:
@@ -128,23 +133,38 @@ def summarise_trace(
         entry = by_name[event["name"]]
         entry[0] += float(event["dur"]) / 1e3  # Perfetto durations are microseconds.
         entry[1] += 1
-    total_ms = sum(ms for ms, _ in by_name.values())
-    by_kind: dict[str, float] = collections.defaultdict(float)
-    for name, (ms, _) in by_name.items():
-        by_kind[kernel_kind(name)] += ms
-    ranked = sorted(by_name.items(), key=lambda item: -item[1][0])
-    per_step = max(steps, 1) * device_count
     warning = None
     if expect_device and source != "device":
         warning = (
             "no device events in the trace (is the GPU profiler available?): these are "
             "host events, not kernel times"
         )
+    summary = summarise_kernels(by_name, steps, device_count=device_count, top=top,
+                                classify=classify or kernel_kind)
+    return {"trace": str(path), "source": source, "warning": warning, **summary}
+
+
+def summarise_kernels(
+    by_name: dict[str, Any],
+    steps: int,
+    *,
+    device_count: int = 1,
+    top: int = 25,
+    classify: Callable[[str], str] = kernel_kind,
+) -> dict[str, Any]:
+    """Totals per kernel kind and the top kernels, per step and device, in ms.
+
+    `by_name` maps a kernel name to (total ms, launches) over `steps` steps; any
+    profiler's kernel list (JAX's trace here, PyTorch's in benchmarks.gpu_probe) fits.
+    """
+    total_ms = sum(ms for ms, _ in by_name.values())
+    by_kind: dict[str, float] = collections.defaultdict(float)
+    for name, (ms, _) in by_name.items():
+        by_kind[classify(name)] += ms
+    ranked = sorted(by_name.items(), key=lambda item: -item[1][0])
+    per_step = max(steps, 1) * device_count
     return {
-        "trace": str(path),
-        "source": source,
         "device_count": device_count,
-        "warning": warning,
         "steps": steps,
         "kernel_ms_per_step": total_ms / per_step,
         "distinct_kernels": len(by_name),
@@ -156,7 +176,7 @@ def summarise_trace(
         "top_kernels": [
             {
                 "name": name,
-                "kind": kernel_kind(name),
+                "kind": classify(name),
                 "ms_per_step": ms / per_step,
                 "launches_per_step": count / per_step,
                 "share": ms / total_ms if total_ms else 0.0,

@@ -1,23 +1,18 @@
-"""The speed-experiment tooling: the kernel profile summary and the experiment driver.
+"""The kernel profile summary (`msff_jax.analysis.benchmark.kernel_profile`).
 
-The trace summary is checked on hand-written traces shaped like the profiler's GPU
-export (a device process with stream lines and derived lines that cover the same time)
-and on a real CPU trace. The driver runs on tiny models on the CPU, which checks the
-plumbing, never the speed.
+Checked on hand-written traces shaped like the profiler's GPU export (a device process
+with stream lines and derived lines that cover the same time) and on a real CPU trace.
 """
 
 import gzip
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import pytest
 
-from msff_jax.analysis.benchmark import kernel_profile, outputs
+from msff_jax.analysis.benchmark import kernel_profile
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -126,69 +121,3 @@ def test_a_real_cpu_trace_is_summarised_from_host_events(tmp_path):
     assert summary["source"] == "host"
     assert summary["kernel_ms_per_step"] > 0 and summary["top_kernels"]
     assert not any(k["name"].startswith("$") for k in summary["top_kernels"])  # No Python frames.
-
-
-@pytest.fixture(scope="module")
-def tiny_experiments(tmp_path_factory):
-    out = tmp_path_factory.mktemp("speed")
-    command = [
-        sys.executable, "-m", "benchmarks.speed_experiments", "--tiny", "--out_dir", str(out),
-        "--experiments", "msff_baseline", "msff_scatter_pool", "msff_cudnn_command_buffers",
-        "--warmup_steps", "1", "--timed_steps", "2", "--repeats", "2", "--profile_steps", "2",
-    ]
-    result = subprocess.run(command, cwd=REPO, capture_output=True, text=True)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    return out, result.stdout
-
-
-def test_tiny_experiments_measure_each_option_against_its_baseline(tiny_experiments):
-    out, stdout = tiny_experiments
-    rows = outputs.read_csv(out / "speed_experiments.csv")
-    assert [r["framework"] for r in rows] == [
-        "jax[msff_baseline]", "jax[msff_scatter_pool]", "jax[msff_cudnn_command_buffers]"
-    ]
-    assert all(r["model"] == "msff_ecomnet_tiny" and r["train_samples_per_sec"] > 0 for r in rows)
-    table = (out / "speed_experiments.md").read_text()
-    assert "| msff_baseline | msff_ecomnet | MSFF-EComNet as benchmarked" in table
-    assert "| 1.000x |" in table
-    scatter_line = next(line for line in table.splitlines() if line.startswith("| msff_scatter_pool"))
-    ratio = rows[1]["train_samples_per_sec"] / rows[0]["train_samples_per_sec"]
-    assert f"| {ratio:.3f}x |" in scatter_line
-    # The flag experiment ran with its (CPU stand-in) flag.
-    assert "--xla_cpu_enable_fast_math=false" in table
-    # The baseline's profile: the train step's kernels, summarised.
-    profile = (out / "kernel_profile.md").read_text()
-    assert profile.startswith("## msff_ecomnet: train step") and "| kernel | kind |" in profile
-    assert stdout.rstrip().endswith(table.rstrip().splitlines()[-1])  # Table printed last.
-
-
-def test_failed_experiment_is_reported_not_fatal(tmp_path):
-    from benchmarks import speed_experiments
-    outcome = {
-        "experiment": speed_experiments.BY_NAME["msff_scatter_pool"],
-        "row": None,
-        "error": "stopped at its 150s limit",
-        "xla_flags": "",
-    }
-    table = speed_experiments._table([outcome])
-    assert "| msff_scatter_pool | msff_ecomnet |" in table
-    assert "failed: stopped at its 150s limit" in table
-    log = "Traceback (most recent call last):\n  ...\nValueError: bad | value\n\n"
-    assert speed_experiments._last_line(log) == "ValueError: bad / value"
-
-
-def test_an_experiment_whose_run_fails_gets_its_error_in_the_table(tmp_path):
-    """A real failing run: launch.py refuses an override the model does not have."""
-    import argparse
-
-    from benchmarks import speed_experiments
-    bad = speed_experiments.Experiment(
-        "bad", "msff_ecomnet", "bad", {"no_such_option": 1}, what="an unknown override"
-    )
-    args = argparse.Namespace(tiny=True, warmup_steps=1, timed_steps=1, repeats=1,
-                              profile_steps=0, out_dir=tmp_path)
-    outcome = speed_experiments._run(bad, args, dict(os.environ), 300, tmp_path)
-    assert outcome["row"] is None
-    assert outcome["error"].startswith("exit 1: ")
-    assert "no_such_option" in outcome["error"]
-    assert "failed: exit 1: " in speed_experiments._table([outcome])
