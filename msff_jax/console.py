@@ -225,6 +225,24 @@ def parse_flags(flag_values, argv: Optional[Sequence[str]], *, program: str,
     return rest[1:]
 
 
+def run_program(flag_values, argv: Optional[Sequence[str]], body: Callable[[], int | None], *,
+                program: str, doc: str = "") -> int:
+    """The frame every flag-parsing program shares: parse `argv`, refuse positional
+    arguments, set the logging level, run `body()` guarded; returns the exit status."""
+    rest = parse_flags(flag_values, argv, program=program, doc=doc)
+    if rest:
+        error_line(f"unexpected arguments {rest}; flags take the form --name=value")
+        return EXIT_USAGE
+    setup_logging(flag_values.verbosity)
+    return guarded(body, show_traceback=flag_values.show_traceback)
+
+
+def entry_point(main: Callable[[list[str]], int]) -> None:
+    """A console script: quiet native logs, then exit with `main(sys.argv[1:])`."""
+    quiet_native_logs()
+    sys.exit(main(sys.argv[1:]))
+
+
 def flag_error_text(err: BaseException) -> str:
     """absl's flag errors, with its wording for a missing required flag made plain."""
     import re

@@ -23,6 +23,7 @@ from absl import flags
 from PIL import Image
 
 from data_pipeline.records import example_codec
+from data_pipeline.records.manifest import describe
 from msff_jax import console
 from data_pipeline.conversion import selection
 from data_pipeline.conversion import shard_writer
@@ -209,11 +210,6 @@ console.define_common_flags(FLAGS)
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """argv without the program name; returns the exit status (a mistake in the data or
     the flags is one `error:` line)."""
-    rest = console.parse_flags(FLAGS, argv, program=PROGRAM, doc=__doc__.split("\n\n")[0])
-    if rest:
-        console.error_line(f"unexpected arguments {rest}; flags take the form --name=value")
-        return console.EXIT_USAGE
-    console.setup_logging(FLAGS.verbosity)
 
     def body() -> int:
         try:
@@ -228,16 +224,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                 progress=sys.stderr.isatty())
         except ValueError as err:  # AnnotationError, SelectionError, BadImageError
             raise console.UserError(str(err)) from err
-        counts = ", ".join(f"{name} {s['num_examples']}" for name, s in manifest["splits"].items())
-        print(f"wrote {FLAGS.output_dir}/manifest.json: {len(manifest['class_names'])} classes; {counts}")
+        print(f"wrote {FLAGS.output_dir}/manifest.json: {describe(manifest)}")
         return 0
 
-    return console.guarded(body, show_traceback=FLAGS.show_traceback)
+    return console.run_program(FLAGS, argv, body, program=PROGRAM, doc=__doc__.split("\n\n")[0])
 
 
 def run() -> None:
     """Console entry point: `msff-convert`."""
-    sys.exit(main(sys.argv[1:]))
+    console.entry_point(main)
 
 
 if __name__ == "__main__":

@@ -24,6 +24,7 @@ from PIL import Image
 
 from data_pipeline.records import example_codec
 from data_pipeline.conversion import shard_writer
+from data_pipeline.records.manifest import describe
 from msff_jax import console
 
 CLASS_NAMES = [str(d) for d in range(10)]
@@ -99,25 +100,19 @@ console.define_common_flags(FLAGS)
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """argv without the program name; returns the exit status."""
-    rest = console.parse_flags(FLAGS, argv, program=PROGRAM, doc=__doc__.split("\n\n")[0])
-    if rest:
-        console.error_line(f"unexpected arguments {rest}; flags take the form --name=value")
-        return console.EXIT_USAGE
-    console.setup_logging(FLAGS.verbosity)
 
     def body() -> int:
         manifest = write_digits_shards(FLAGS.output_dir, FLAGS.image_size, FLAGS.seed,
                                        progress=sys.stderr.isatty())
-        counts = ", ".join(f"{name} {s['num_examples']}" for name, s in manifest["splits"].items())
-        print(f"wrote {FLAGS.output_dir}/manifest.json: {counts}")
+        print(f"wrote {FLAGS.output_dir}/manifest.json: {describe(manifest)}")
         return 0
 
-    return console.guarded(body, show_traceback=FLAGS.show_traceback)
+    return console.run_program(FLAGS, argv, body, program=PROGRAM, doc=__doc__.split("\n\n")[0])
 
 
 def run() -> None:
     """Console entry point: `msff-digits`."""
-    sys.exit(main(sys.argv[1:]))
+    console.entry_point(main)
 
 
 if __name__ == "__main__":

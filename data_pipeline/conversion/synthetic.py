@@ -23,7 +23,6 @@ from __future__ import annotations
 import colorsys
 import os
 import pathlib
-import sys
 import zlib
 from typing import Optional, Sequence
 
@@ -280,22 +279,18 @@ console.define_common_flags(FLAGS)
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """argv without the program name; returns the exit status."""
-    rest = console.parse_flags(FLAGS, argv, program=PROGRAM, doc=__doc__.split("\n\n")[0])
-    if rest:
-        console.error_line(f"unexpected arguments {rest}; flags take the form --name=value")
-        return console.EXIT_USAGE
 
     def body() -> int:
         root = generate(FLAGS.output_dir, FLAGS.num_images, FLAGS.seed, image_size=FLAGS.image_size)
         print(f"wrote a synthetic DeepFashion of {FLAGS.num_images} images to {root}")
         return 0
 
-    return console.guarded(body, show_traceback=FLAGS.show_traceback)
+    return console.run_program(FLAGS, argv, body, program=PROGRAM, doc=__doc__.split("\n\n")[0])
 
 
 def run() -> None:
     """Console entry point: `msff-synthetic`."""
-    sys.exit(main(sys.argv[1:]))
+    console.entry_point(main)
 
 
 if __name__ == "__main__":

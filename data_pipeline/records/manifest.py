@@ -145,3 +145,9 @@ def verify_split_checksums(
             raise ShardChecksumError(
                 f"{path}: SHA-256 {actual} does not match the manifest's {shard['sha256']} "
                 "(the shard was modified or damaged after conversion)", path)
+
+
+def describe(manifest: dict) -> str:
+    """One line for a person: classes and examples per split."""
+    counts = ", ".join(f"{name} {s['num_examples']}" for name, s in manifest["splits"].items())
+    return f"{len(manifest['class_names'])} classes; {counts}"

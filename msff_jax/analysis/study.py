@@ -401,8 +401,7 @@ def _study(argv: Sequence[str], devices: Optional[Devices]) -> int:
 
 def run() -> None:
     """Console entry point (`msff-study`)."""
-    console.quiet_native_logs()
-    sys.exit(main())
+    console.entry_point(main)
 
 
 if __name__ == "__main__":

@@ -288,8 +288,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 def run() -> None:
     """Console entry point: `msff-predict`."""
-    console.quiet_native_logs()
-    sys.exit(main(sys.argv[1:]))
+    console.entry_point(main)
 
 
 if __name__ == "__main__":

@@ -6,7 +6,6 @@ tensorflow-datasets 4.9.10's `tfds build` imports apache_beam at start-up even f
 builders that do not use it; this entry point needs only what the project installs.
 """
 
-import sys
 
 from absl import flags
 
@@ -26,13 +25,6 @@ console.define_common_flags(FLAGS)
 
 def main(argv=None) -> int:
     """argv without the program name; returns the exit status."""
-    rest = console.parse_flags(FLAGS, argv, program=PROGRAM, doc=__doc__.split("\n\n")[0])
-    if rest:
-        console.error_line(f"unexpected arguments {rest}; flags take the form --name=value")
-        return console.EXIT_USAGE
-    console.quiet_native_logs()
-    console.setup_logging(FLAGS.verbosity)
-
     def body() -> int:
         import tensorflow_datasets as tfds
 
@@ -47,12 +39,13 @@ def main(argv=None) -> int:
         print({name: split.num_examples for name, split in builder.info.splits.items()})
         return 0
 
-    return console.guarded(body, show_traceback=FLAGS.show_traceback)
+    console.quiet_native_logs()
+    return console.run_program(FLAGS, argv, body, program=PROGRAM, doc=__doc__.split("\n\n")[0])
 
 
 def run() -> None:
     """Console entry point: `msff-deepfashion15`."""
-    sys.exit(main(sys.argv[1:]))
+    console.entry_point(main)
 
 
 if __name__ == "__main__":
