@@ -57,8 +57,7 @@ def get_config(model: str | None = None) -> ml_collections.ConfigDict:
     # flips (always on in the reader): the standard augmentation for photos of objects.
     config.data.scale_range = (0.08, 1.0)
     config.data.ratio_range = (3.0 / 4.0, 4.0 / 3.0)
-    # SHA-256 of every shard against the manifest whenever a split is opened: at
-    # start-up, and for the eval split at every evaluation (seconds for 40k images).
+    # SHA-256 of every shard against the manifest, once per run for each split.
     config.data.verify_checksums = True
     # Image decoding and resizing of the training crops: "cv2" (OpenCV, with simplejpeg
     # for full-size JPEGs) or "pil" (Pillow). Evaluation, --mode eval and predict use one

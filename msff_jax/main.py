@@ -66,6 +66,19 @@ def _known_configs() -> str:
     return f" (the project's configs: {', '.join('configs/' + n for n in names)})"
 
 
+# Per-model config files that became an argument of configs/default.py.
+MOVED_CONFIGS = ("msff_base", "msff_msp", "msff_iasm", "resnet50", "mobilenet_v3_large",
+                 "efficientnet_b0")
+
+
+def _moved_config(path: str) -> str | None:
+    name = os.path.splitext(os.path.basename(path))[0]
+    if os.path.basename(os.path.dirname(os.path.abspath(path))) == "configs" and name in MOVED_CONFIGS:
+        return (f"config file {path} was replaced by an argument of the default config: use "
+                f"--config configs/default.py:{name} (the same recipe).")
+    return None
+
+
 def _config_file_error(path: str, err: BaseException) -> str:
     """`path` raised while loading: name its line when the traceback passes through it."""
     import traceback
@@ -101,7 +114,8 @@ def parse_flags(argv):
     if config_path is not None:
         path = config_path.split(":", 1)[0]
         if not os.path.isfile(path):
-            console.error_line(f"config file {path} does not exist{_known_configs()}.")
+            moved = _moved_config(path)
+            console.error_line(moved or f"config file {path} does not exist{_known_configs()}.")
             sys.exit(console.EXIT_USAGE)
     try:
         rest = FLAGS(argv)
@@ -189,7 +203,8 @@ def run_mode(config, workdir: str, mode: str) -> int | None:
     if mode == "report":
         from msff_jax.analysis import report
 
-        return report.run(workdir)
+        report.run(workdir)
+        return None
     if config is None:
         raise console.ConfigError(f"--mode {mode} needs --config (e.g. --config configs/default.py).")
 

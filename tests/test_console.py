@@ -157,7 +157,7 @@ def test_workdir_explains_itself(demo_run):
     results = json.loads((workdir / "eval_results.json").read_text())
     assert f"| top-1 accuracy | {results['top1']:.4f} |" in summary
     assert f"step {results['step']}" in summary
-    for command in ("--mode=eval", "--mode=export", "--mode=report", "msff-predict --export_dir"):
+    for command in ("--mode=eval", "--mode=export", "msff-predict --export_dir"):
         assert command in summary, command
     assert "--config.num_epochs=1" in summary  # the command that ran, overrides included
 
@@ -232,3 +232,12 @@ def test_resume_check_compares_data_by_content(tmp_path):
         config_checks.check_resume(config, str(workdir))
     with pytest.raises(console.ConfigError, match="Pass the config"):
         config_checks.check_resume(config, str(workdir), mode="eval")
+
+
+def test_a_per_model_config_of_older_releases_says_what_replaced_it():
+    from msff_jax import main
+
+    message = main._moved_config("configs/resnet50.py")
+    assert "--config configs/default.py:resnet50" in message
+    assert main._moved_config("configs/nope.py") is None
+    assert main._moved_config("elsewhere/resnet50.py") is None

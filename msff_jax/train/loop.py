@@ -102,9 +102,10 @@ def global_eval_batches(config, split: str, mesh, *, step: int | None = None, ph
 def run_evaluation(config, eval_step, variables, mesh, *, split: str, step: int,
                    class_names, phase: str = "eval") -> dict:
     preemption.set_phase(f"the {split} evaluation of step {step}")
-    accumulator = evaluation.evaluate(eval_step, variables,
-                                      global_eval_batches(config, split, mesh, step=step, phase=phase),
-                                      config.num_classes)
+    batches = global_eval_batches(config, split, mesh, step=step, phase=phase)
+    accumulator = evaluation.evaluate(
+        eval_step, variables, console.progress(batches, desc=f"eval {split}", unit="batch"),
+        config.num_classes)
     return evaluation.eval_results(accumulator, model=config.model, split=split, step=step,
                                    class_names=class_names,
                                    num_params=count_params(variables))

@@ -153,7 +153,8 @@ def write_summary(config, workdir: str, results: dict, *, best_step, latest_step
         f"- export: `{launch_command(workdir, 'export')}`",
         f"- predict: `msff-predict --export_dir {export_dir} IMAGE_OR_FOLDER` "
         f"(or `python -m msff_jax.inference.predict ...`) after exporting",
-        f"- report: `{LAUNCH} --workdir {shlex.quote(workdir)} --mode=report`",
+        "- the paper's tables for a whole study of runs: `msff-study` and its `report.md` "
+        "(docs/GUIDE.md)",
         "",
     ]
     with open(path, "w") as f:

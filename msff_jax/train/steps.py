@@ -13,6 +13,7 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+from msff_jax.train import config_checks
 from msff_jax.train import mesh as mesh_lib
 from msff_jax.train import state as train_state_lib
 from msff_jax.inference.preprocessing import normalize_images
@@ -62,9 +63,7 @@ def make_train_step(config, model, tx, mesh):
     loss_fn = make_loss_fn(config, model)
     grad_fn = jax.grad(loss_fn, has_aux=True)
     num_micro = int(config.grad_accum_steps)
-    if config.batch_size % num_micro:
-        raise ValueError(f"config.batch_size={config.batch_size} is not divisible by "
-                         f"config.grad_accum_steps={num_micro}.")
+    config_checks.check_batch_size(config, mesh.shape["data"])
     use_loss_scale = config.dtype == "float16"
 
     def compute_grads(state, batch, dropout_rng, scale):

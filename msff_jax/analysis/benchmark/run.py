@@ -35,6 +35,7 @@ import jax
 import numpy as np
 from absl import logging
 
+from msff_jax import console
 from msff_jax.train import mesh as mesh_lib
 from msff_jax.analysis import flops
 from msff_jax.train import optimizers
@@ -69,10 +70,13 @@ def run(config, workdir: str | os.PathLike) -> list[dict[str, Any]]:
     mesh = mesh_lib.make_mesh(config.mesh_shape)
     environment = _environment(mesh)
     logging.info("benchmark on %s", environment)
+    console.say(f"benchmark on {environment['device']} ({environment['device_kind']}): "
+                f"{', '.join(bench.models)}; results in {workdir}")
 
     rows: list[dict[str, Any]] = []
     details: list[dict[str, Any]] = []
-    for name in bench.models:
+    for index, name in enumerate(bench.models, 1):
+        console.say(f"[{index}/{len(bench.models)}] {name}: compiling and timing")
         model_config = _config_for_model(config, name)
         try:
             model_rows, model_details = _benchmark_model(
@@ -82,6 +86,7 @@ def run(config, workdir: str | os.PathLike) -> list[dict[str, Any]]:
             if not bench.continue_on_error:
                 raise
             logging.exception("benchmark of %s failed; continuing", name)
+            console.say(f"  {name} failed ({type(error).__name__}); continuing")
             details.append({"model": name, "error": f"{type(error).__name__}: {error}"})
             continue
         rows += model_rows
