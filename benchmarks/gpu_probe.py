@@ -20,7 +20,7 @@ rest are listed as not reached, and `--only`/`--skip` run them in a later call. 
 option variants that beat the baseline by more than `--win_margin` are then timed
 together ("winners"). Selected rows carry a per-kernel profile by kind (convolution
 forward, input-gradient and weight-gradient, matmul, reductions, elementwise, copies and
-transposes, pooling; `classify_kernel`), from JAX's profiler trace or PyTorch's
+transposes, pooling; `kernel_profile.kernel_kind`), from JAX's profiler trace or PyTorch's
 profiler. Results: gpu_probe.md (the table, the targets, the profiles; printed last)
 and gpu_probe.json (every figure) in `--out_dir`, rewritten after every item so a run
 cut short keeps what it measured.
@@ -36,7 +36,6 @@ os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 import argparse
 import dataclasses
 import json
-import re
 import subprocess
 import sys
 import tempfile
@@ -45,38 +44,11 @@ import traceback
 from pathlib import Path
 from typing import Any, Optional
 
+from msff_jax.analysis.benchmark import kernel_profile
+
 REPO = Path(__file__).resolve().parents[1]
 MD_NAME, JSON_NAME = "gpu_probe.md", "gpu_probe.json"
-
-# Kernel kinds by name, first match wins. Hopper cuDNN kernels name their pass
-# (sm90_xmma_fprop/dgrad/wgrad_...); PyTorch's own and inductor's kernels name theirs
-# (conv_depthwise2d_grad_weight, triton_red_fused_..., triton_poi_fused_...).
-DETAILED_KINDS: tuple[tuple[str, str], ...] = (
-    ("pooling", r"select.?and.?scatter|max_?pool|avg_?pool|adaptive.?avg|reduce.?window"),
-    ("copy / transpose", r"copy|transpose|memcpy|nchwtonhwc|nhwctonchw|permute"),
-    ("conv weight-gradient", r"wgrad|grad_?weight|weight_?grad|bwd_?filt|backward_?filter|bw.?filter"),
-    ("conv input-gradient", r"dgrad|grad_?input|bwd_?data|backward_?data|backward_?input|bw.?input"
-                            r"|depthwise.*backward"),
-    # A CPU backend runs both convolution gradients as one op.
-    ("conv gradients (one op)", r"conv\w*_backward"),
-    ("conv forward", r"fprop|conv(?!ert)|implicit_?gemm|winograd|convolve"),
-    ("matmul", r"gemm|cublas|matmul|\bdot|\baddmm|\bmm\b"),
-    ("collective", r"all-reduce|all-gather|reduce-scatter|nccl|collective"),
-    ("reduction", r"reduce|reduction|triton_red|triton_per|welford|collect_statistics|\bsum\b|\bmean\b"),
-    ("memset", r"memset|\bfill|zero_"),
-    ("elementwise", r"fusion|loop_|elementwise|triton_poi|vectorized|unrolled|concatenate|slice|pad"
-                    r"|convert|batch_norm|relu|sigmoid|hardswish|silu|\badd|\bmul|\bdiv|where"),
-)
-KIND_ORDER = tuple(kind for kind, _ in DETAILED_KINDS) + ("other",)
-
-
-def classify_kernel(name: str) -> str:
-    lowered = name.lower()
-    for kind, pattern in DETAILED_KINDS:
-        if re.search(pattern, lowered):
-            return kind
-    return "other"
-
+KIND_ORDER = kernel_profile.KIND_ORDER
 
 @dataclasses.dataclass
 class Item:
@@ -177,8 +149,8 @@ class JaxRunner:
         return config
 
     def run(self, item: Item, scratch: Path) -> dict[str, Any]:
-        from msff_jax.analysis.benchmark import kernel_profile, timing
         from msff_jax.analysis.benchmark import run as benchmark_run
+        from msff_jax.analysis.benchmark import timing
         from msff_jax.models import count_params
         from msff_jax.train import optimizers, steps
         from msff_jax.train import state as train_state
@@ -215,7 +187,7 @@ class JaxRunner:
             trace = kernel_profile.trace_steps(run_train, args.profile_steps, scratch / "trace" / item.name)
             result["profile"] = kernel_profile.summarise_trace(
                 trace, args.profile_steps, expect_device=self.device.platform != "cpu",
-                classify=classify_kernel)
+                classify=kernel_profile.kernel_kind)
         if item.infer:
             variables = holder["state"].eval_variables()
             infer_batch = benchmark_run._synthetic_batch(config, config.benchmark.infer_batch_size,
@@ -305,8 +277,6 @@ def profile_torch(train_step, device, steps: int) -> dict[str, Any]:
     import torch
     from torch.profiler import ProfilerActivity, profile
 
-    from msff_jax.analysis.benchmark import kernel_profile
-
     cuda = device.type == "cuda"
     with profile(activities=[ProfilerActivity.CUDA if cuda else ProfilerActivity.CPU]) as prof:
         for _ in range(steps):
@@ -327,7 +297,7 @@ def profile_torch(train_step, device, steps: int) -> dict[str, Any]:
             us = event.self_cpu_time_total
         if us > 0:
             by_name[event.key] = [us / 1e3, event.count]
-    summary = kernel_profile.summarise_kernels(by_name, steps, classify=classify_kernel)
+    summary = kernel_profile.summarise_kernels(by_name, steps, classify=kernel_profile.kernel_kind)
     summary["source"] = "device" if cuda else "host (aten ops)"
     return summary
 

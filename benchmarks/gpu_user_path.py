@@ -115,7 +115,11 @@ def run_streaming(command, env, log_path: Path, timeout_s: float, on_line=None) 
 
 
 def tail(lines: list[str], n: int = 15) -> str:
-    return "".join(lines[-n:])
+    """What a failed child said: its `error:` lines (the project's one-line errors) when
+    it printed any, so a table cell shows the cause rather than the library log lines
+    before it; else its last `n` lines."""
+    errors = [line for line in lines if line.startswith("error:")]
+    return "".join(errors[-3:] or lines[-n:])
 
 
 def main(argv: Optional[list[str]] = None) -> int:

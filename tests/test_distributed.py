@@ -106,6 +106,21 @@ def test_two_processes_match_one_process_with_eight_devices(setup):
     moved = max(float(np.abs(a).max()) for a in jax.tree.leaves(params_single))
     assert moved > 0
 
+    # The per-image answers of the final test evaluation, gathered from two processes'
+    # devices, come out in the split's record order, every image once, as with one process.
+    def predictions(workdir):
+        with np.load(os.path.join(workdir, "test_predictions.npz"), allow_pickle=False) as f:
+            return {k: f[k] for k in f.files}
+
+    one, two = predictions(single), predictions(multi)
+    assert str(two["split"]) == "test" and int(two["step"]) == NUM_STEPS
+    np.testing.assert_array_equal(two["index"], np.arange(len(two["index"])))
+    np.testing.assert_array_equal(two["index"], one["index"])
+    np.testing.assert_array_equal(two["label"], one["label"])
+    assert len(set(two["label"].tolist())) > 1  # Real labels, not a constant.
+    # Same parameters to 1e-4: a last-bit tie may flip an answer, not the order.
+    assert np.mean(two["predicted"] == one["predicted"]) >= 0.95
+
 
 # ------------------------------------------------------------- distributed.initialize
 

@@ -187,3 +187,38 @@ def test_export_of_the_old_format_asks_for_a_new_export(exported, tmp_path):
     with pytest.raises(export.ExportError,
                        match=r"missing keys \['preprocessing.version', 'preprocessing.resize_short'\]"):
         export.load_metadata(copy)
+
+
+def test_without_flatbuffers_reading_and_writing_say_what_to_install(exported, monkeypatch, tmp_path):
+    """jax.export needs `flatbuffers`, which JAX does not install (TensorFlow usually
+    brings it): a machine without it gets one line naming the package, not an
+    ImportError from deep inside JAX."""
+    import importlib.util
+
+    from msff_jax.console import UserError, describe_exception
+
+    out_dir, model, variables = exported
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "flatbuffers" else real_find_spec(name, *a))
+    with pytest.raises(UserError, match="pip install flatbuffers") as read_error:
+        export.load_export(out_dir)
+    assert str(out_dir / export.ARTIFACT_FILE) in str(read_error.value)
+    with pytest.raises(UserError, match="pip install flatbuffers"):
+        export.write_export(tmp_path / "again", model=model, variables=variables,
+                            metadata=export.load_metadata(out_dir))
+    assert not (tmp_path / "again").exists()
+    message, status = describe_exception(read_error.value)
+    assert "unexpected" not in message and status == 1
+
+
+def test_a_broken_export_is_a_user_error_not_an_unexpected_one(exported, tmp_path):
+    from msff_jax.console import describe_exception
+
+    broken = tmp_path / "export"
+    shutil.copytree(exported[0], broken)
+    (broken / export.METADATA_FILE).write_text("{not json")
+    with pytest.raises(export.ExportError) as error:
+        export.load_export(broken)
+    message, _ = describe_exception(error.value)
+    assert message.startswith(str(broken / export.METADATA_FILE)) and "unexpected" not in message

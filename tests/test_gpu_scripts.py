@@ -108,26 +108,6 @@ def test_user_path_checks_pass_without_tensorflow(gpu_check):
         assert (kept / log).read_text().count("TensorFlow is not importable") == 1, log
 
 
-@pytest.mark.parametrize("name, kind", [
-    ("sm90_xmma_fprop_implicit_gemm_bf16bf16_bf16f32_f32_nhwckrsc_nhwc_tilesize128x128x64", "conv forward"),
-    ("sm90_xmma_dgrad_implicit_gemm_bf16bf16_bf16f32_f32_nhwckrsc_nchw", "conv input-gradient"),
-    ("sm90_xmma_wgrad_implicit_gemm_bf16bf16_bf16f32_f32_nhwckrsc_nhwc", "conv weight-gradient"),
-    ("conv_depthwise2d_grad_weight_kernel", "conv weight-gradient"),
-    ("select_and_scatter_fusion", "pooling"),
-    ("max_pool_forward_nhwc", "pooling"),
-    ("loop_convert_fusion_3", "elementwise"),
-    ("input_reduce_fusion_12", "reduction"),
-    ("triton_red_fused__native_batch_norm_legit_functional_3", "reduction"),
-    ("triton_poi_fused_add_relu_7", "elementwise"),
-    ("transpose_fusion_2", "copy / transpose"),
-    ("triton_gemm_dot_fusion", "matmul"),
-    ("aten::convolution_backward", "conv gradients (one op)"),
-    ("some_unknown_kernel", "other"),
-])
-def test_kernel_kinds(name, kind):
-    assert gpu_probe.classify_kernel(name) == kind
-
-
 def test_winners_take_the_best_value_of_each_option_above_the_margin():
     plan = [dataclass for dataclass in gpu_probe.PLAN]
     rates = {"jax:msff_ecomnet": 100.0, "jax:msff:scatter": 100.5, "jax:msff:fuse_pointwise": 104.0,

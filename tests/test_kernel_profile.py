@@ -54,36 +54,69 @@ def test_summary_counts_stream_kernels_once_per_step_by_kind(tmp_path):
     kinds = {k["kind"]: k["ms_per_step"] for k in summary["kinds"]}
     assert kinds == pytest.approx(
         {
-            "convolution": 0.3,
-            "select-and-scatter (max-pool backward)": 0.2,
-            "elementwise fusion": 0.1,
+            "conv forward": 0.3,
+            "pooling": 0.2,
+            "elementwise": 0.1,
         }
     )
     assert [k["name"] for k in summary["top_kernels"]][0] == "sm90_xmma_fprop_implicit_gemm_bf16"
     assert summary["top_kernels"][0]["share"] == pytest.approx(0.5)
     table = kernel_profile.markdown(summary, "toy: train step")
-    assert "| select-and-scatter (max-pool backward) | 0.200 | 33.3% |" in table
+    assert "| pooling | 0.200 | 33.3% |" in table
 
 
 @pytest.mark.parametrize(
     "name, kind",
     [
-        ("sm90_xmma_fprop_implicit_gemm_bf16bf16_bf16f32_f32_nhwckrsc_nhwc", "convolution"),
-        ("sm80_xmma_wgrad_implicit_gemm_indexed_bf16", "convolution"),
-        ("convolution.12", "convolution"),
+        # cuDNN on Hopper and Ampere (XLA's and PyTorch's convolutions alike).
+        ("sm90_xmma_fprop_implicit_gemm_bf16bf16_bf16f32_f32_nhwckrsc_nhwc_tilesize128x128x64",
+         "conv forward"),
+        ("sm90_xmma_dgrad_implicit_gemm_bf16bf16_bf16f32_f32_nhwckrsc_nchw", "conv input-gradient"),
+        ("sm80_xmma_wgrad_implicit_gemm_indexed_bf16", "conv weight-gradient"),
+        ("void cudnn::cnn::wgrad2d_grouped_direct_kernel<bf16>", "conv weight-gradient"),
+        ("void cudnn::cnn::conv2d_grouped_direct_kernel<bf16>", "conv forward"),
+        ("cutlass__5x_cudnn::Kernel<cutlass_tensorop_bf16_s16816fprop_optimized_bf16>",
+         "conv forward"),
+        ("void cudnn::ops::nchwToNhwcKernel<__nv_bfloat16>", "copy / transpose"),
+        ("convolution.12", "conv forward"),
+        # PyTorch's own kernels and the CPU's one-op backward.
+        ("conv_depthwise2d_grad_weight_kernel", "conv weight-gradient"),
+        ("aten::convolution_backward", "conv gradients (one op)"),
+        ("max_pool_forward_nhwc", "pooling"),
+        ("void at::native::batch_norm_collect_statistics_channels_last_kernel", "reduction"),
+        ("void at::native::vectorized_elementwise_kernel<4, at::native::add>", "elementwise"),
+        # Inductor: the prefix decides, whatever aten ops the name lists after it.
+        ("triton_poi_fused_convolution_relu_0", "elementwise"),
+        ("triton_red_fused_convolution_backward_native_batch_norm_backward_12", "reduction"),
+        ("triton_per_fused__native_batch_norm_legit_functional_3", "reduction"),
+        ("triton_poi_fused_clone_4", "copy / transpose"),
+        ("triton_poi_fused__to_copy_2", "copy / transpose"),
+        ("triton_poi_fused_max_pool2d_with_indices_backward_5", "pooling"),
+        ("triton_tem_fused_convolution_0", "conv forward"),
+        ("triton_tem_fused_addmm_1", "matmul"),
+        # XLA's fusions and library calls.
         ("sm90_xmma_gemm_bf16bf16_bf16f32_f32_tn_n", "matmul"),
-        ("loop_convert_fusion_3", "elementwise fusion"),
-        ("wrapped_convert", "elementwise fusion"),
-        ("input_convert_reduce_fusion_1", "reduction fusion"),
-        ("concatenate_convert_fusion", "elementwise fusion"),
-        ("nchwToNhwcKernel", "copy / transpose"),
-        ("select_and_scatter_7", "select-and-scatter (max-pool backward)"),
+        ("nvjet_hsh_128x256_64x4_2x1_v_bz_coopA_TNT", "matmul"),
+        ("gemm_fusion_dot_123", "matmul"),
+        ("loop_convert_fusion_3", "elementwise"),
+        ("wrapped_convert", "elementwise"),
+        ("input_convert_reduce_fusion_1", "reduction"),
+        ("concatenate_convert_fusion", "elementwise"),
+        ("transpose_fusion_2", "copy / transpose"),
+        ("select_and_scatter_7", "pooling"),
         ("all-reduce.3", "collective"),
         ("cudaMemsetAsync", "memset"),
+        ("some_unknown_kernel", "other"),
     ],
 )
 def test_kernel_kinds_read_off_names(name, kind):
     assert kernel_profile.kernel_kind(name) == kind
+
+
+def test_kind_order_lists_each_kind_once():
+    order = kernel_profile.KIND_ORDER
+    assert len(order) == len(set(order)) and order[-1] == "other"
+    assert set(order) == {kind for kind, _ in kernel_profile.KERNEL_KINDS} | {"other"}
 
 
 def test_several_devices_give_per_device_figures_and_a_missing_gpu_trace_warns(tmp_path):

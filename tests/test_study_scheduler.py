@@ -124,6 +124,17 @@ def test_main_turns_a_mistake_into_one_line(tmp_path, capsys):
     assert err.startswith("error: unknown models ['vgg']") and "Traceback" not in err
 
 
+@pytest.mark.parametrize("flag", ["--show_traceback", "--show_traceback=true"])
+def test_show_traceback_in_any_spelling_adds_the_traceback(tmp_path, capsys, flag):
+    two_gpus = study.Devices(kind="Simulated GPU", ids=("0", "1"))
+    argv = ["--runs_dir", str(tmp_path), "--demo", "--parallel", "3"]
+    assert study.main(argv + [flag], devices=two_gpus) == 1
+    err = capsys.readouterr().err
+    assert "Traceback" in err and "error: --parallel 3" in err
+    assert study.main(argv, devices=two_gpus) == 1
+    assert "Traceback" not in capsys.readouterr().err
+
+
 def test_matched_ablations_within_two_percent_of_the_full_model():
     import jax
     import jax.numpy as jnp

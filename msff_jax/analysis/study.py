@@ -107,6 +107,7 @@ class Options:
     skip_report: bool
     overrides: tuple[str, ...]
     verbosity: Optional[int] = None
+    show_traceback: bool = False
 
 
 def parse_args(argv: Sequence[str]) -> Options:
@@ -143,7 +144,7 @@ def parse_args(argv: Sequence[str]) -> Options:
                    seeds=tuple(range(values.seeds)), parallel=values.parallel,
                    devices_per_run=values.devices_per_run, demo=values.demo, tiny=values.tiny,
                    skip_report=values.skip_report, overrides=tuple(overrides),
-                   verbosity=values.verbosity)
+                   verbosity=values.verbosity, show_traceback=values.show_traceback)
 
 
 # ----------------------------------------------------------------------------- runs
@@ -366,12 +367,15 @@ def main(argv: Optional[Sequence[str]] = None, *, devices: Optional[Devices] = N
     """`argv` without the program name (default sys.argv[1:]); `devices` replaces
     detection (tests). A mistake prints one line and returns non-zero."""
     argv = sys.argv[1:] if argv is None else list(argv)
-    return console.guarded(lambda: _study(argv, devices),
-                           show_traceback="--show_traceback" in argv)
+    parsed: list[Options] = []
+    status = console.guarded(lambda: parsed.append(parse_args(argv)))
+    if status:
+        return status
+    options = parsed[0]
+    return console.guarded(lambda: _study(options, devices), show_traceback=options.show_traceback)
 
 
-def _study(argv: Sequence[str], devices: Optional[Devices]) -> int:
-    options = parse_args(argv)
+def _study(options: Options, devices: Optional[Devices]) -> int:
     console.setup_logging(options.verbosity)
     options.runs_dir.mkdir(parents=True, exist_ok=True)
     devices = devices or detect_devices()

@@ -35,6 +35,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from msff_jax.console import UserError
+
 EXPORT_DIRNAME = "export"
 METADATA_FILE = "export.json"
 ARTIFACT_FILE = "inference.jaxexport"
@@ -49,8 +51,19 @@ _REQUIRED_PREPROCESSING = ("version", "image_size", "crop_fraction", "resize_sho
                            "mean_rgb", "stddev_rgb")
 
 
-class ExportError(ValueError):
+class ExportError(UserError, ValueError):
     """An export directory that cannot be used as it is; the message names the file."""
+
+
+def _require_flatbuffers(what: str) -> None:
+    """jax.export reads and writes its artifact with the `flatbuffers` package, which
+    JAX does not install itself (TensorFlow brings it, so it is easy to miss on a machine
+    without TensorFlow); say so before any work instead of failing deep inside JAX."""
+    import importlib.util
+
+    if importlib.util.find_spec("flatbuffers") is None:
+        raise UserError(f"{what} needs the `flatbuffers` package, which jax.export uses for "
+                        "its artifact and JAX does not install: pip install flatbuffers")
 
 
 # ----------------------------------------------------------------------------- writing
@@ -94,6 +107,7 @@ def write_export(out_dir: Path, *, model, variables: dict, metadata: dict,
     `metadata` holds the model/class/preprocessing fields of export.json (see
     `build_metadata`); the artifact and variables fields are added here.
     """
+    _require_flatbuffers("exporting a model")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     variables = {k: variables[k] for k in ("params", "batch_stats") if k in variables}
@@ -189,6 +203,7 @@ def run(config, workdir: str, which: str = "best") -> Path:
     from msff_jax.train.config_checks import plain
     from msff_jax.train.state import build_model
 
+    _require_flatbuffers("--mode export")
     if jax.process_count() > 1:
         raise ExportError(
             f"--mode export runs as one process, not {jax.process_count()}: every process would "
@@ -316,6 +331,7 @@ def load_export(export_dir: Path) -> LoadedExport:
     path = export_dir / metadata["artifact"]["file"]
     if not path.exists():
         raise FileNotFoundError(f"{path} is missing (named by {export_dir / METADATA_FILE})")
+    _require_flatbuffers(f"reading {path}")
     try:
         exported = jax.export.deserialize(bytearray(path.read_bytes()))
     except Exception as err:  # flatbuffer / version errors have no common type

@@ -12,11 +12,12 @@ XLA may switch CUDA-graph command buffers off while the profiler runs, so the tr
 steps can launch kernels one by one where the timed ones replay graphs: compare the
 kernel time per step with the timed step, and read the launch count as an upper bound.
 
-The kinds are read off kernel names by `KERNEL_KINDS` (first match wins): they answer
-the questions the speed work asks, e.g. how much of a step is convolution, how much is
-XLA's select-and-scatter (the max-pool backward under `max_pool_backward='scatter'`),
-how much is elementwise and reduction fusions (BatchNorm, attention maps,
-concatenation), how much is copying.
+The kinds are read off kernel names by `KERNEL_KINDS` (first match wins), for XLA's,
+cuDNN's, cuBLAS's, PyTorch's and inductor's kernels alike, so that one table compares
+JAX with PyTorch: they answer the questions the speed work asks, e.g. how much of a step
+is convolution forward, input-gradient and weight-gradient, how much is pooling (XLA's
+select-and-scatter under `max_pool_backward='scatter'`), how much is elementwise and
+reduction work (BatchNorm, attention maps, concatenation), how much is copying.
 """
 
 from __future__ import annotations
@@ -28,27 +29,50 @@ import re
 from pathlib import Path
 from typing import Any, Callable
 
-import jax
-
 PERFETTO_NAME = "perfetto_trace.json.gz"
 
 KERNEL_KINDS: tuple[tuple[str, str], ...] = (
-    ("select-and-scatter (max-pool backward)", r"select.?and.?scatter"),
-    # Before convolution: cuDNN's layout kernels (nchwToNhwc...) are copies.
-    ("copy / transpose", r"copy|transpose|memcpy|nchwtonhwc|nhwctonchw"),
+    # Pooling first: XLA's select-and-scatter (the max-pool backward under
+    # `max_pool_backward='scatter'`), PyTorch's pooling kernels, and inductor kernels
+    # named after a pooling op (triton_poi_fused_max_pool2d_with_indices_...).
+    ("pooling", r"select.?and.?scatter|max_?pool|avg_?pool|adaptive.?avg|reduce.?window"),
+    # Inductor names a kernel by its template or loop kind first and by the aten ops it
+    # fused second ("triton_poi_fused_convolution_relu_0" is the bias-and-ReLU loop after
+    # a convolution, not a convolution), so its prefix decides before any op name does.
+    ("conv forward", r"^triton_tem\w*conv"),
+    ("matmul", r"^triton_tem"),
+    ("reduction", r"^triton_(red|per)_"),
+    ("copy / transpose", r"^triton_poi_fused_(_?to_copy|clone|permute|transpose|copy)(_\d+)?$"),
+    ("elementwise", r"^triton_poi_"),
+    # cuDNN's layout kernels (nchwToNhwc...) run before convolutions: they are copies.
+    ("copy / transpose", r"copy|transpose|memcpy|nchwtonhwc|nhwctonchw|permute"),
+    # Hopper cuDNN kernels name their pass (sm90_xmma_fprop/dgrad/wgrad_...), grouped
+    # (depthwise) ones too (dgrad2d_grouped_direct_kernel); PyTorch's own say grad_weight.
+    ("conv weight-gradient",
+     r"wgrad|grad_?weight|weight_?grad|bwd_?filt|backward_?filter|bw.?filter"),
+    ("conv input-gradient",
+     r"dgrad|grad_?input|bwd_?data|backward_?data|backward_?input|bw.?input|depthwise.*backward"),
+    # A CPU backend runs both convolution gradients as one op.
+    ("conv gradients (one op)", r"conv\w*_backward"),
     # `conv` but not `convert`: XLA names dtype-conversion fusions "..._convert_...".
-    ("convolution", r"conv(?!ert)|implicit_?gemm|fprop|dgrad|wgrad|winograd"),
-    ("matmul", r"gemm|cublas|matmul|\bdot"),
+    ("conv forward", r"fprop|conv(?!ert)|implicit_?gemm|winograd|convolve"),
+    # cuBLASLt's Hopper kernels are "nvjet_..."; XLA's Triton GEMMs "gemm_fusion_dot...".
+    ("matmul", r"gemm|cublas|matmul|nvjet|\bdot|\baddmm|\bmm\b"),
     ("collective", r"all-reduce|all-gather|reduce-scatter|all-to-all|nccl|collective"),
-    ("reduction fusion", r"reduce|reduction"),
-    ("memset", r"memset"),
-    ("elementwise fusion", r"fusion|loop_|concatenate|slice|pad|convert"),
+    ("reduction", r"reduce|reduction|welford|collect_statistics|\bsum\b|\bmean\b"),
+    ("memset", r"memset|\bfill|zero_"),
+    ("elementwise", r"fusion|loop_|elementwise|vectorized|unrolled|concatenate|slice|pad"
+                    r"|convert|batch_norm|relu|sigmoid|hardswish|silu|\badd|\bmul|\bdiv|where"),
 )
 OTHER_KIND = "other"
+# Every kind once, in the order tables show them.
+KIND_ORDER: tuple[str, ...] = tuple(dict.fromkeys(kind for kind, _ in KERNEL_KINDS)) + (OTHER_KIND,)
 
 
 def trace_steps(run_steps: Callable[[int], Any], steps: int, log_dir: Path) -> Path:
     """Runs `run_steps(steps)` under the profiler; returns the Perfetto JSON it wrote."""
+    import jax  # Here, so that reading traces (benchmarks.gpu_probe) needs no JAX.
+
     log_dir = Path(log_dir)
     before = set(log_dir.rglob(PERFETTO_NAME)) if log_dir.exists() else set()
     with jax.profiler.trace(str(log_dir), create_perfetto_trace=True):
