@@ -31,29 +31,16 @@ import time
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FAILURE_WORDS = ("Traceback", "terminated unexpectedly", "leaked", "resource_tracker")
 
+# configs/digits.py:tiny (as the resume tests), with one decode worker: the soak also
+# signals while worker processes start and stop.
 CONFIG = '''
-from configs import default
-from msff_jax.models import TINY_OVERRIDES
+from configs import digits
 
 
 def get_config():
-    config = default.get_config()
-    config.model_overrides = dict(TINY_OVERRIDES["msff_ecomnet"])
+    config = digits.get_config("tiny")
     config.data_dir = {data_dir!r}
-    config.num_classes = 10
-    config.image_size = 32
-    config.dtype = "float32"
-    config.batch_size = 16
-    config.eval_batch_size = 64
-    config.num_train_steps = 12
-    config.optimizer.warmup_epochs = 0
-    config.ema_decay = 0.9
     config.data.worker_count = 1
-    config.data.read_threads = 1
-    config.log_every_steps = 1
-    config.eval_every_steps = 5
-    config.checkpoint.every_steps = 3
-    config.checkpoint.keep = 2
     return config
 '''
 

@@ -7,6 +7,12 @@ reader, train loop and evaluation as DeepFashion.
 
 Digits are nobody's synthetic creation, so reaching >= 95% test accuracy shows the
 pipeline and the model learn real images (tests/test_digits.py runs exactly this).
+
+`configs/digits.py:tiny` is the smallest run that passes through every phase of
+training: MSFF-EComNet's tiny preset, 12 steps, a checkpoint every 3 steps and an
+evaluation every 5, a log line every step. The fault-injection tests
+(tests/test_resume.py and the distributed ones) and `benchmarks/preemption_soak.py`
+signal and resume it.
 """
 
 import ml_collections
@@ -14,7 +20,9 @@ import ml_collections
 from configs import default
 
 
-def get_config():
+def get_config(arg: str = ""):
+    if arg not in ("", "tiny"):
+        raise ValueError(f"configs/digits.py takes '' or 'tiny', not {arg!r}")
     config = default.get_config()
     config.num_classes = 10
     config.image_size = 32  # The 8x8 scans upsampled, as the shard writer stores them.
@@ -36,4 +44,18 @@ def get_config():
     config.eval_every_steps = -1
     config.checkpoint.every_steps = 0  # Evaluations (each epoch) save checkpoints anyway.
     config.checkpoint.keep = 1
+    if arg == "tiny":
+        from msff_jax.models import TINY_OVERRIDES
+
+        config.model_overrides = ml_collections.ConfigDict(dict(TINY_OVERRIDES["msff_ecomnet"]))
+        config.batch_size = 16
+        config.eval_batch_size = 64
+        config.num_train_steps = 12
+        config.optimizer.warmup_epochs = 0
+        config.ema_decay = 0.9
+        config.data.read_threads = 1
+        config.log_every_steps = 1
+        config.eval_every_steps = 5
+        config.checkpoint.every_steps = 3
+        config.checkpoint.keep = 2
     return config

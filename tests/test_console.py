@@ -55,7 +55,8 @@ def raising_config(tmp_path_factory):
     return str(path)
 
 
-@pytest.mark.parametrize("case", ["field_typo", "missing_config", "raising_config", "flag_typo",
+@pytest.mark.parametrize("case", ["field_typo", "missing_config", "raising_config",
+                                  "refused_config_argument", "flag_typo",
                                   "eval_missing_workdir", "export_without_checkpoint",
                                   "workdir_is_a_file"])
 def test_command_line_mistakes(case, tmp_path, raising_config):
@@ -69,6 +70,11 @@ def test_command_line_mistakes(case, tmp_path, raising_config):
                            ["configs/nope.py does not exist", "configs/default.py"]),
         "raising_config": (["--config", raising_config, "--workdir", str(tmp_path / "w")], 2,
                            [f"{raising_config}, line 2 raised RuntimeError: boom"]),
+        # get_config(ARG) raising while absl parses the flags (another path in ml_collections).
+        "refused_config_argument": (["--config", "configs/digits.py:huge", "--workdir",
+                                     str(tmp_path / "w")], 2,
+                                    ["config file configs/digits.py, line", "raised ValueError",
+                                     "'' or 'tiny', not 'huge'"]),
         "flag_typo": (demo + ["--wrkdir", str(tmp_path / "w")], 2, ["wrkdir", "workdir"]),
         "eval_missing_workdir": (demo + ["--workdir", str(tmp_path / "nowhere"), "--mode", "eval"], 1,
                                  [f"{tmp_path / 'nowhere'} does not exist"]),

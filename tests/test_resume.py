@@ -23,29 +23,16 @@ from msff_jax.train import checkpoints as checkpointing
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NUM_STEPS = 12
 
+# configs/digits.py:tiny with this test's data and length.
 CONFIG_TEMPLATE = '''
-from configs import default
-from msff_jax.models import TINY_OVERRIDES
+from configs import digits
 
 
 def get_config():
-    config = default.get_config()
-    config.model_overrides = dict(TINY_OVERRIDES["msff_ecomnet"], **{model_extra!r})
+    config = digits.get_config("tiny")
+    config.model_overrides.update({model_extra!r})
     config.data_dir = {data_dir!r}
-    config.num_classes = 10
-    config.image_size = 32
-    config.dtype = "float32"
-    config.batch_size = 16
-    config.eval_batch_size = 64
     config.num_train_steps = {num_steps}
-    config.optimizer.warmup_epochs = 0
-    config.ema_decay = 0.9
-    config.data.worker_count = 0
-    config.data.read_threads = 1
-    config.log_every_steps = 1
-    config.eval_every_steps = 5
-    config.checkpoint.every_steps = 3
-    config.checkpoint.keep = 2
     return config
 '''
 
