@@ -124,8 +124,10 @@ def main(argv=None) -> int:
     root = args.root or tempfile.mkdtemp(prefix="preemption_soak_")
     os.makedirs(root, exist_ok=True)
     rng = random.Random(args.seed)
-    sys.path.insert(0, REPO)
     from data_pipeline.conversion import digits
+    from msff_jax import console
+
+    console.setup_logging(None)  # This process reads checkpoints: Orbax's notes stay quiet.
 
     data_dir = os.path.join(root, "digits")
     if not os.path.isfile(os.path.join(data_dir, "manifest.json")):
