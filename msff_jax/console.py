@@ -150,6 +150,22 @@ def traceback_wanted(flag_value: bool = False) -> bool:
     return bool(flag_value) or os.environ.get("MSFF_SHOW_TRACEBACK", "") not in ("", "0")
 
 
+def traceback_asked(argv: Sequence[str]) -> bool:
+    """--show_traceback as absl would read it from `argv`, for errors that come before
+    (or while) the flags are parsed: the last spelling wins, --noshow_traceback and
+    =false/f/0 turn it off, nothing after `--` counts."""
+    asked = False
+    for arg in argv:
+        if arg == "--":
+            break
+        name, has_value, value = arg.lstrip("-").partition("=")
+        if name == "show_traceback":
+            asked = not has_value or value.lower() not in ("false", "f", "0")
+        elif name == "noshow_traceback":
+            asked = False
+    return traceback_wanted(asked)
+
+
 def _one_line(text: str) -> str:
     return " ".join(str(text).split())
 

@@ -92,27 +92,26 @@ def _config_file_error(path: str, err: BaseException) -> str:
             "fix the file or pass another --config.")
 
 
-def _config_raised_in_flag_error(err: BaseException) -> str | None:
+def _config_raised_in_flag_error(err: BaseException, path: str | None) -> str | None:
     """ml_collections reports a `get_config(ARG)` that raises while the flags are parsed
     (an argument the file refuses, say) as a flag error holding the whole traceback as
     text; this makes it the same one line as any other config file that raises."""
     text = str(err)
-    if "Error whilst parsing config file" not in text:
+    if "Error whilst parsing config file" not in text or path is None:
         return None
-    frames = re.findall(r'File "([^"]+)", line (\d+)', text)
-    project = [(f, n) for f, n in frames if "site-packages" not in f]
-    where = f"config file {project[-1][0]}, line {project[-1][1]}" if project else "the config file"
-    last = text.strip().splitlines()[-1].strip().rstrip(".")
-    return f"{where} raised {' '.join(last.split())}; fix the file or pass another --config."
-
-
-def _traceback_asked(argv) -> bool:
-    """--show_traceback in any spelling absl accepts (read before the flags are parsed)."""
-    for arg in argv:
-        name, _, value = arg.partition("=")
-        if name in ("--show_traceback", "-show_traceback"):
-            return value.lower() not in ("false", "0", "no")
-    return False
+    lines = text.strip().splitlines()
+    wanted = os.path.realpath(path)
+    line, last_frame = "", -1
+    for index, text_line in enumerate(lines):
+        frame = re.match(r'\s*File "([^"]+)", line (\d+)', text_line)
+        if frame:
+            last_frame = index
+            if os.path.realpath(frame.group(1)) == wanted:
+                line = f", line {frame.group(2)}"
+    # The exception ("ValueError: ...", maybe over several lines) follows the last frame;
+    # the frame's source and caret lines are indented, the exception is not.
+    raised = " ".join(" ".join(t.split()) for t in lines[last_frame + 1:] if t and not t[0].isspace())
+    return f"config file {path}{line} raised {raised.rstrip('.')}; fix the file or pass another --config."
 
 
 def _override_error(argv, err: BaseException) -> str | None:
@@ -145,14 +144,14 @@ def parse_flags(argv):
         if FLAGS.config is not None:
             FLAGS.config.get("model")  # Surfaces a config file's deferred load error.
     except flags.Error as err:
-        raised = _config_raised_in_flag_error(err)
-        if raised and (_traceback_asked(argv) or console.traceback_wanted()):
+        raised = _config_raised_in_flag_error(err, config_path and config_path.split(":", 1)[0])
+        if raised and console.traceback_asked(argv):
             print(str(err), file=sys.stderr)
         console.error_line(raised or f"{console.flag_error_text(err)} (`{PROGRAM} --helpshort` "
                            "lists the flags)")
         sys.exit(console.EXIT_USAGE)
     except Exception as err:  # A config file that raises, or an override naming no field.
-        if _traceback_asked(argv) or console.traceback_wanted():
+        if console.traceback_asked(argv):
             import traceback
 
             traceback.print_exc()

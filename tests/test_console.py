@@ -247,3 +247,19 @@ def test_a_per_model_config_of_older_releases_says_what_replaced_it():
     assert "--config configs/default.py:resnet50" in message
     assert main._moved_config("configs/nope.py") is None
     assert main._moved_config("elsewhere/resnet50.py") is None
+
+
+@pytest.mark.parametrize("argv, asked", [
+    ([], False),
+    (["--show_traceback"], True),
+    (["--show_traceback=true"], True),
+    (["-show_traceback=1"], True),
+    (["--show_traceback=f"], False),
+    (["--show_traceback=False"], False),
+    (["--show_traceback", "--noshow_traceback"], False),  # The last one wins, as in absl.
+    (["--noshow_traceback", "--show_traceback"], True),
+    (["--", "--show_traceback"], False),  # After `--`: not a flag.
+])
+def test_traceback_asked_reads_the_flag_as_absl_does(argv, asked, monkeypatch):
+    monkeypatch.delenv("MSFF_SHOW_TRACEBACK", raising=False)
+    assert console.traceback_asked(["--workdir", "w"] + argv) is asked

@@ -90,7 +90,9 @@ def test_summary_counts_stream_kernels_once_per_step_by_kind(tmp_path):
         ("triton_red_fused_convolution_backward_native_batch_norm_backward_12", "reduction"),
         ("triton_per_fused__native_batch_norm_legit_functional_3", "reduction"),
         ("triton_poi_fused_clone_4", "copy / transpose"),
-        ("triton_poi_fused__to_copy_2", "copy / transpose"),
+        # A dtype cast is elementwise, as XLA's convert fusions are.
+        ("triton_poi_fused__to_copy_2", "elementwise"),
+        ("triton_for_fused_0", "elementwise"),
         ("triton_poi_fused_max_pool2d_with_indices_backward_5", "pooling"),
         ("triton_tem_fused_convolution_0", "conv forward"),
         ("triton_tem_fused_addmm_1", "matmul"),
@@ -106,6 +108,21 @@ def test_summary_counts_stream_kernels_once_per_step_by_kind(tmp_path):
         ("select_and_scatter_7", "pooling"),
         ("all-reduce.3", "collective"),
         ("cudaMemsetAsync", "memset"),
+        ("wrapped_multiply", "elementwise"),
+        ("wrapped_dot", "matmul"),
+        ("void splitKreduce_kernel<32, 16, int, float>", "matmul"),
+        # Names with "grad_input" that are no convolution.
+        ("void at::native::adaptive_average_gradinput_nhwc<float>", "pooling"),
+        ("void at::native::layer_norm_grad_input_kernel<float>", "reduction"),
+        ("void at::native::adaptive_average_pool_nhwc<c10::BFloat16>", "pooling"),
+        ("void cudnn::bn_fw_tr_1C11_kernel_NCHW<float, float, 512, true, 1>", "reduction"),
+        ("void at::native::cunn_SoftMaxForward<4, float>", "reduction"),
+        # Older cuDNN convolutions, one with a fused ReLU in its name; cuDNN's helpers.
+        ("ampere_scudnn_128x64_relu_small_nn_v1", "conv forward"),
+        ("ampere_fp16_s16816cudnn_fp16_128x128_ldg8_relu_f2f_exp_small_nhwc2nchw_tn_v1",
+         "conv forward"),
+        ("void cask__5x_cudnn::computeOffsetsKernel<false, false>", "conv forward"),
+        ("void cudnn::ops::nhwcAddPaddingKernel<float>", "copy / transpose"),
         ("some_unknown_kernel", "other"),
     ],
 )

@@ -133,6 +133,10 @@ def test_show_traceback_in_any_spelling_adds_the_traceback(tmp_path, capsys, fla
     assert "Traceback" in err and "error: --parallel 3" in err
     assert study.main(argv, devices=two_gpus) == 1
     assert "Traceback" not in capsys.readouterr().err
+    # A mistake found while the flags are read gets its traceback too when asked for.
+    assert study.main(["--runs_dir", str(tmp_path), "--demo", "--models", "vgg", flag]) == 1
+    err = capsys.readouterr().err
+    assert "Traceback" in err and "error: unknown models ['vgg']" in err
 
 
 def test_matched_ablations_within_two_percent_of_the_full_model():

@@ -368,7 +368,8 @@ def main(argv: Optional[Sequence[str]] = None, *, devices: Optional[Devices] = N
     detection (tests). A mistake prints one line and returns non-zero."""
     argv = sys.argv[1:] if argv is None else list(argv)
     parsed: list[Options] = []
-    status = console.guarded(lambda: parsed.append(parse_args(argv)))
+    status = console.guarded(lambda: parsed.append(parse_args(argv)),
+                             show_traceback=console.traceback_asked(argv))
     if status:
         return status
     options = parsed[0]

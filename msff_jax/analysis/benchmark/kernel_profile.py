@@ -32,20 +32,29 @@ from typing import Any, Callable
 PERFETTO_NAME = "perfetto_trace.json.gz"
 
 KERNEL_KINDS: tuple[tuple[str, str], ...] = (
-    # Pooling first: XLA's select-and-scatter (the max-pool backward under
-    # `max_pool_backward='scatter'`), PyTorch's pooling kernels, and inductor kernels
-    # named after a pooling op (triton_poi_fused_max_pool2d_with_indices_...).
-    ("pooling", r"select.?and.?scatter|max_?pool|avg_?pool|adaptive.?avg|reduce.?window"),
+    # Pooling first, whoever wrote the kernel: XLA's select-and-scatter (the max-pool
+    # backward under `max_pool_backward='scatter'`), PyTorch's pooling kernels (adaptive
+    # average pooling's "gradinput" too), and inductor kernels that fused a pooling op
+    # (triton_poi_fused_max_pool2d_with_indices_...), which do the pooling's work.
+    ("pooling", r"select.?and.?scatter|max_?pool|avg_?pool|average_?pool|adaptive_?av"
+                r"|reduce.?window"),
     # Inductor names a kernel by its template or loop kind first and by the aten ops it
     # fused second ("triton_poi_fused_convolution_relu_0" is the bias-and-ReLU loop after
     # a convolution, not a convolution), so its prefix decides before any op name does.
     ("conv forward", r"^triton_tem\w*conv"),
     ("matmul", r"^triton_tem"),
     ("reduction", r"^triton_(red|per)_"),
-    ("copy / transpose", r"^triton_poi_fused_(_?to_copy|clone|permute|transpose|copy)(_\d+)?$"),
-    ("elementwise", r"^triton_poi_"),
-    # cuDNN's layout kernels (nchwToNhwc...) run before convolutions: they are copies.
-    ("copy / transpose", r"copy|transpose|memcpy|nchwtonhwc|nhwctonchw|permute"),
+    ("copy / transpose", r"^triton_poi_fused_(clone|permute|transpose|copy)(_\d+)?$"),
+    ("elementwise", r"^triton_(poi|for)_"),
+    # Normalisation and softmax kernels of PyTorch eager and cuDNN (bn_fw_tr_..., cunn_
+    # SoftMax..., layer_norm_grad_input...): reductions, as XLA's and inductor's are,
+    # and never a convolution gradient for the "grad_input" in their names.
+    ("reduction", r"layer_?norm|group_?norm|softmax|welford|collect_statistics"
+                  r"|\bbn_(fw|bw)|batchnorm_(fw|bw)|_reduce_kernel|norm_backward_reduce"),
+    # Layout kernels around convolutions (cuDNN's nchwToNhwc, ampere's ..._nhwc2nchw_...
+    # suffix is a fused layout, see below) are copies.
+    ("copy / transpose", r"copy|transpose|memcpy|nchwtonhwc|nhwctonchw|permute|tensortransform"
+                         r"|addpaddingkernel"),
     # Hopper cuDNN kernels name their pass (sm90_xmma_fprop/dgrad/wgrad_...), grouped
     # (depthwise) ones too (dgrad2d_grouped_direct_kernel); PyTorch's own say grad_weight.
     ("conv weight-gradient",
@@ -55,18 +64,28 @@ KERNEL_KINDS: tuple[tuple[str, str], ...] = (
     # A CPU backend runs both convolution gradients as one op.
     ("conv gradients (one op)", r"conv\w*_backward"),
     # `conv` but not `convert`: XLA names dtype-conversion fusions "..._convert_...".
-    ("conv forward", r"fprop|conv(?!ert)|implicit_?gemm|winograd|convolve"),
-    # cuBLASLt's Hopper kernels are "nvjet_..."; XLA's Triton GEMMs "gemm_fusion_dot...".
-    ("matmul", r"gemm|cublas|matmul|nvjet|\bdot|\baddmm|\bmm\b"),
+    # Older cuDNN kernels, still picked on Hopper for some shapes, say "scudnn" or
+    # "s16816cudnn" (and may name a fused ReLU); cuDNN's helpers (cask offsets, im2col,
+    # packed scaling) belong to its convolutions.
+    ("conv forward", r"fprop|conv(?!ert)|implicit_?gemm|winograd|convolve|scudnn|\dcudnn"
+                     r"|cask_|im2col|computeoffsets|scalepackedtensor"),
+    # cuBLASLt's Hopper kernels are "nvjet_..."; XLA's Triton GEMMs "gemm_fusion_dot...",
+    # its unfused dot "wrapped_dot"; split-K GEMMs end with a "splitKreduce" kernel.
+    ("matmul", r"gemm|cublas|matmul|nvjet|splitkreduce|\bdot|_dot\b|\baddmm|\bmm\b"),
     ("collective", r"all-reduce|all-gather|reduce-scatter|all-to-all|nccl|collective"),
-    ("reduction", r"reduce|reduction|welford|collect_statistics|\bsum\b|\bmean\b"),
+    ("reduction", r"reduce|reduction|\bsum\b|\bmean\b"),
     ("memset", r"memset|\bfill|zero_"),
-    ("elementwise", r"fusion|loop_|elementwise|vectorized|unrolled|concatenate|slice|pad"
-                    r"|convert|batch_norm|relu|sigmoid|hardswish|silu|\badd|\bmul|\bdiv|where"),
+    # XLA names an op it did not fuse "wrapped_<opcode>" (wrapped_add, wrapped_convert).
+    ("elementwise", r"fusion|loop_|^wrapped_|elementwise|vectorized|unrolled|concatenate|slice"
+                    r"|pad|convert|batch_norm|relu|sigmoid|hardswish|silu|\badd|\bmul|\bdiv|where"),
 )
 OTHER_KIND = "other"
-# Every kind once, in the order tables show them.
-KIND_ORDER: tuple[str, ...] = tuple(dict.fromkeys(kind for kind, _ in KERNEL_KINDS)) + (OTHER_KIND,)
+# Every kind once, in the order tables show them (columns of the probe's kind table).
+KIND_ORDER: tuple[str, ...] = (
+    "conv forward", "conv input-gradient", "conv weight-gradient", "conv gradients (one op)",
+    "matmul", "pooling", "reduction", "elementwise", "copy / transpose", "collective", "memset",
+    OTHER_KIND,
+)
 
 
 def trace_steps(run_steps: Callable[[int], Any], steps: int, log_dir: Path) -> Path:
