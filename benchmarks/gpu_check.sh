@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One device call, two checks: the speed probe (issue 11) and the user path (issue 16).
 #
-#   bash benchmarks/gpu_check.sh                    # one GPU, about 9 minutes
+#   bash benchmarks/gpu_check.sh                    # one GPU, budgeted at about 9 minutes
 #   GPU_CHECK_TINY=1 PYTHON=.venv/bin/python bash benchmarks/gpu_check.sh   # CPU check
 #
 # Environment: GPU_CHECK_PARTS ("probe user_path" by default; either alone),

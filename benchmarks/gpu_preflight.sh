@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The GPU check, rehearsed on a CPU with the GPU machine's software, before a GPU is spent.
 #
-#   bash benchmarks/gpu_preflight.sh      # ~10 minutes on 2 cores, plus ~4 for the first install
+#   bash benchmarks/gpu_preflight.sh   # 4.5-9 min on 2 cores (measured), +3.5 min the first install
 #
 # A GPU call is short and scarce, and the GPU machine differs from a development
 # machine in more than its GPU: Python 3.12, a newer JAX, PyTorch 2.11, and no

@@ -88,7 +88,12 @@ def _config_file_error(path: str, err: BaseException) -> str:
     for frame in traceback.extract_tb(err.__traceback__):
         if os.path.realpath(frame.filename) == wanted:
             line = f", line {frame.lineno}"
-    return (f"config file {path}{line} raised {type(err).__name__}: {' '.join(str(err).split())}; "
+    return _config_raised(path, line, f"{type(err).__name__}: {str(err)}")
+
+
+def _config_raised(path: str, line: str, raised: str) -> str:
+    """The one line for a config file that raised, however the error reached us."""
+    return (f"config file {path}{line} raised {' '.join(raised.split()).rstrip('.')}; "
             "fix the file or pass another --config.")
 
 
@@ -110,8 +115,7 @@ def _config_raised_in_flag_error(err: BaseException, path: str | None) -> str | 
                 line = f", line {frame.group(2)}"
     # The exception ("ValueError: ...", maybe over several lines) follows the last frame;
     # the frame's source and caret lines are indented, the exception is not.
-    raised = " ".join(" ".join(t.split()) for t in lines[last_frame + 1:] if t and not t[0].isspace())
-    return f"config file {path}{line} raised {raised.rstrip('.')}; fix the file or pass another --config."
+    return _config_raised(path, line, " ".join(t for t in lines[last_frame + 1:] if t and not t[0].isspace()))
 
 
 def _override_error(argv, err: BaseException) -> str | None:

@@ -19,6 +19,7 @@ import numpy as np
 import pytest
 
 from msff_jax.models import MODEL_NAMES, TINY_OVERRIDES, get_model
+from tests.test_speed_options import train_forward_and_grads
 
 WIDTHS = {"stem_widths": (6,), "stage_widths": (20, 44)}
 IMAGES = jnp.asarray(np.random.default_rng(0).normal(size=(2, 32, 32, 3)), jnp.float32)
@@ -49,18 +50,7 @@ def _variables(name, **options):
 
 def _everything(model, variables):
     """Eval logits, train logits, updated statistics and parameter gradients."""
-
-    def loss(params):
-        logits, updates = model.apply(
-            {"params": params, "batch_stats": variables["batch_stats"]},
-            IMAGES,
-            train=True,
-            mutable=["batch_stats"],
-            rngs={"dropout": jax.random.key(2)},
-        )
-        return jnp.sum(logits**2), (logits, updates["batch_stats"])
-
-    grads, (train_logits, stats) = jax.grad(loss, has_aux=True)(variables["params"])
+    train_logits, stats, grads = train_forward_and_grads(model, variables, IMAGES, dropout_seed=2)
     return model.apply(variables, IMAGES), train_logits, stats, grads
 
 

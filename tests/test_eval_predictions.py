@@ -6,7 +6,6 @@ import pytest
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 from flax import linen as nn
 
 from data_pipeline.conversion import digits
@@ -16,6 +15,7 @@ from msff_jax.train import evaluation
 from msff_jax.train import loop as train
 from msff_jax.train import mesh as mesh_lib
 from msff_jax.train import steps
+from tests.test_evaluation import echo_eval_config
 
 
 class _PixelEcho(nn.Module):
@@ -40,10 +40,7 @@ def digits_dir(tmp_path_factory):
 
 def test_predictions_in_dataset_order_over_eight_devices(digits_dir, tmp_path):
     assert jax.device_count() == 8
-    config = ml_collections.ConfigDict(dict(
-        data_dir=digits_dir, eval_batch_size=64, image_size=8, dtype="float32", num_classes=10,
-        mean_rgb=(0.0, 0.0, 0.0), stddev_rgb=(1.0, 1.0, 1.0), model="echo",
-        data=dict(worker_count=0, read_threads=1, prefetch_buffer=1, verify_checksums=True)))
+    config = echo_eval_config(digits_dir)
     mesh = mesh_lib.make_mesh((-1, 1))
     model = _PixelEcho()
     variables = model.init(jax.random.PRNGKey(0), jnp.zeros((1, 8, 8, 3)))

@@ -80,6 +80,15 @@ class _LabelEcho(nn.Module):
         return jax.nn.one_hot(jnp.round(images[:, 0, 0, 0]).astype(jnp.int32), self.num_classes) * scale
 
 
+def echo_eval_config(digits_dir):
+    """An evaluation of the 8 px digits shards in batches of 64, raw pixels in (the echo
+    models read a label off a pixel); also used by tests/test_eval_predictions.py."""
+    return ml_collections.ConfigDict(dict(
+        data_dir=digits_dir, eval_batch_size=64, image_size=8, dtype="float32", num_classes=10,
+        mean_rgb=(0.0, 0.0, 0.0), stddev_rgb=(1.0, 1.0, 1.0), model="echo",
+        data=dict(worker_count=0, read_threads=1, prefetch_buffer=1, verify_checksums=True)))
+
+
 @pytest.fixture(scope="module")
 def digits_dir(tmp_path_factory):
     out = tmp_path_factory.mktemp("digits")
@@ -94,10 +103,7 @@ def test_eval_counts_every_example_once_over_eight_devices(digits_dir):
     manifest = json.load(open(os.path.join(digits_dir, "manifest.json")))
     split = manifest["splits"]["test"]
     assert split["num_examples"] % 64 != 0
-    config = ml_collections.ConfigDict(dict(
-        data_dir=digits_dir, eval_batch_size=64, image_size=8, dtype="float32", num_classes=10,
-        mean_rgb=(0.0, 0.0, 0.0), stddev_rgb=(1.0, 1.0, 1.0), model="echo",
-        data=dict(worker_count=0, read_threads=1, prefetch_buffer=1, verify_checksums=True)))
+    config = echo_eval_config(digits_dir)
     mesh = mesh_lib.make_mesh((-1, 1))
     model = _LabelEcho()
     variables = model.init(jax.random.PRNGKey(0), jnp.zeros((1, 8, 8, 3)))

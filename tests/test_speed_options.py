@@ -89,14 +89,18 @@ def test_unknown_max_pool_backward_is_refused():
         model.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)))
 
 
-def _train_forward_and_grads(model, variables, images):
+def train_forward_and_grads(model, variables, images, dropout_seed=1):
+    """Train-mode logits, updated BatchNorm statistics and parameter gradients (of the sum
+    of squared logits): what a speed option must leave alone (also used by
+    tests/test_aligned_channels.py)."""
+
     def loss(params):
         logits, updates = model.apply(
             {"params": params, "batch_stats": variables["batch_stats"]},
             images,
             train=True,
             mutable=["batch_stats"],
-            rngs={"dropout": jax.random.key(1)},
+            rngs={"dropout": jax.random.key(dropout_seed)},
         )
         return jnp.sum(logits**2), (logits, updates["batch_stats"])
 
@@ -138,8 +142,8 @@ def test_speed_options_keep_parameters_outputs_statistics_and_gradients(name, re
     assert jax.tree.structure(fast_vars) == jax.tree.structure(plain_vars)
     jax.tree.map(np.testing.assert_array_equal, fast_vars, plain_vars)
 
-    plain_logits, plain_stats, plain_grads = _train_forward_and_grads(plain, plain_vars, images)
-    fast_logits, fast_stats, fast_grads = _train_forward_and_grads(fast, plain_vars, images)
+    plain_logits, plain_stats, plain_grads = train_forward_and_grads(plain, plain_vars, images)
+    fast_logits, fast_stats, fast_grads = train_forward_and_grads(fast, plain_vars, images)
     np.testing.assert_allclose(fast_logits, plain_logits, rtol=1e-5, atol=1e-5)
     assert _largest_relative_difference(plain_stats, fast_stats) < 1e-5
     assert _largest_relative_difference(plain_grads, fast_grads) < 1e-4
