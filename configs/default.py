@@ -133,4 +133,17 @@ def get_config(model: str | None = None) -> ml_collections.ConfigDict:
     # `--mode export`: the platforms the jax.export artifact is lowered for (one file
     # serves them all; drop one whose lowering this JAX lacks).
     config.export_platforms = ("cpu", "cuda")
+
+    # ------------------------------------------------------------------ plan
+    # `--mode plan` compiles this run's programs for a GPU on any machine and reports
+    # memory, kernels and a lower bound on step time (docs/GUIDE.md).
+    config.plan = ml_collections.ConfigDict()
+    config.plan.device = "h100"  # h100, h100_pcie, h200, a100, a100_40gb.
+    config.plan.num_devices = 1  # 1-8 on one host, or a multiple of 8.
+    config.plan.programs = ("train_step", "eval_step", "export")
+    # JAX preallocates this share of GPU memory (XLA_PYTHON_CLIENT_MEM_FRACTION) and runs
+    # every program inside it.
+    config.plan.memory_fraction = 0.75
+    # Find the largest batch that fits even when the configured one does (more compiles).
+    config.plan.search_max_batch = False
     return config

@@ -54,10 +54,14 @@ def quiet_native_logs() -> None:
     """Environment settings that must precede the first TensorFlow / XLA import:
     TensorFlow's C++ INFO and WARNING lines, and its oneDNN notice (printed before the
     log level is read, so only switching the oneDNN rewrite off hides it; TensorFlow only
-    writes TensorBoard summaries here, so its numerics do not matter)."""
+    writes TensorBoard summaries here, so its numerics do not matter); and, on a machine
+    without a GPU, the notices of JAX's CUDA plugin (`msff_jax.cuda_plugin`)."""
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
     os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
+    from msff_jax import cuda_plugin
+
+    cuda_plugin.quiet_start()  # The CUDA plugin's notices on a machine without a GPU.
 
 
 def setup_logging(verbosity: Optional[int]) -> None:

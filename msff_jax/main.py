@@ -1,7 +1,8 @@
 """Entry point: `python launch.py --config configs/x.py --workdir DIR [--mode MODE]`.
 
 Modes: train (trains, evaluates, writes the report; rerun to resume), eval (best or
-latest checkpoint on --eval_split), summary, benchmark, export, report. Config fields
+latest checkpoint on --eval_split), summary, benchmark, export, report, plan (compiles the
+run's programs for a GPU on any machine: memory, kernels, a lower bound on step time). Config fields
 are overridden on the command line, e.g. `--config.batch_size=512`.
 
 Output: a start-up block, one line per log interval, evaluation and checkpoint, and a
@@ -25,7 +26,7 @@ console.quiet_native_logs()  # Before anything imports TensorFlow or XLA.
 from absl import app, flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
-MODES = ("train", "eval", "summary", "benchmark", "export", "report")
+MODES = ("train", "eval", "summary", "benchmark", "export", "report", "plan")
 PROGRAM = "python launch.py"
 CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
 
@@ -275,6 +276,10 @@ def run_mode(config, workdir: str, mode: str) -> int | None:
             from msff_jax.inference import export
 
             export.run(config, workdir, which=FLAGS.checkpoint)
+        elif mode == "plan":
+            from msff_jax.analysis.plan import run as plan
+
+            plan.run(config, workdir)
     except console.UserError:
         raise
     except Exception as err:

@@ -26,8 +26,9 @@ LINE_BUDGET = 30
 
 
 # The demo as a user runs it: this machine's one CPU device, not the eight simulated ones
-# conftest.py sets for the sharding tests (which also compile several times slower).
-DEMO_ENV = {k: v for k, v in ENV.items() if k != "XLA_FLAGS"}
+# conftest.py sets for the sharding tests (which also compile several times slower), and
+# no JAX_PLATFORMS (with JAX's CUDA plugin installed and no GPU, nothing must show).
+DEMO_ENV = {k: v for k, v in ENV.items() if k not in ("XLA_FLAGS", "JAX_PLATFORMS")}
 
 
 def _launch(*args, timeout=600, env=ENV):
@@ -141,7 +142,8 @@ def test_demo_console_is_short_and_quiet(demo_run):
     assert len(lines) <= LINE_BUDGET, "\n".join(lines)
     text = "\n".join(lines)
     for chatter in ("orbax", "Orbax", "oneDNN", "libtpu", "backend 'tpu'", "Matplotlib", "font cache",
-                    "_NonBlockingMetadataStore", "Traceback", "absl::InitializeLog"):
+                    "_NonBlockingMetadataStore", "Traceback", "absl::InitializeLog",
+                    "cudart_stub", "CUDA", "cuda drivers", "plugin"):
         assert chatter not in text, (chatter, text)
     assert not re.search(r"^[IWE]\d{4} ", text, re.MULTILINE), text  # no absl-formatted log lines
     # The parts a person looks for, in order.

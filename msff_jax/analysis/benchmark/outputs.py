@@ -33,7 +33,9 @@ CSV_COLUMNS: tuple[str, ...] = (
     "compile_s",
 )
 # Written by the JAX benchmark only; rows without them leave the cells empty.
-EXTRA_COLUMNS: tuple[str, ...] = ("train_memory_gb", "input")
+EXTRA_COLUMNS: tuple[str, ...] = ("train_memory_gb", "input", "plan_kernels",
+                                   "plan_gb_at_boundaries", "plan_lower_bound_ms",
+                                   "time_over_plan_bound")
 
 _TEXT_COLUMNS = {"model", "framework", "device", "dtype", "input"}
 
@@ -105,9 +107,9 @@ def markdown_table(rows: Iterable[dict[str, Any]]) -> str:
     header = (
         "| model | framework | input | dtype | train img/s | train ms/step | train batch "
         "| infer img/s | infer batch | params (M) | GMACs | MFU | compile s "
-        "| step memory GB |"
+        "| step memory GB | plan bound ms | time / bound |"
     )
-    lines = [header, "|" + "---|" * 14]
+    lines = [header, "|" + "---|" * 16]
     for r in rows:
         mfu = r.get("mfu")
         lines.append(
@@ -128,6 +130,8 @@ def markdown_table(rows: Iterable[dict[str, Any]]) -> str:
                     "" if mfu is None else f"{100 * mfu:.1f}%",
                     _number(r.get("compile_s"), 1),
                     _number(r.get("train_memory_gb"), 2),
+                    _number(r.get("plan_lower_bound_ms"), 2),
+                    _number(r.get("time_over_plan_bound"), 2),
                 ]
             )
             + " |"

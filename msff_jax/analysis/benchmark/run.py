@@ -42,6 +42,7 @@ from msff_jax.train import optimizers
 from msff_jax.train import steps
 from msff_jax.train import state as train_state
 from msff_jax.analysis.benchmark import device_peaks, kernel_profile, outputs, timing
+from msff_jax.analysis.plan.beside_measurement import plan_columns
 from msff_jax.models import TINY_OVERRIDES, count_params
 from msff_jax.train.config_checks import plain
 
@@ -244,6 +245,11 @@ def _benchmark_model(config, mesh, environment, profile_dir: Path) -> tuple[list
         train_memory_bytes=train_memory,
         input_name="synthetic",
     )
+    # The compiled plan of the very step just timed, beside its time (GPU only).
+    row.update(plan_columns(
+        train_compiled.as_text() if environment["platform"] == "gpu" else None,
+        platform=environment["platform"], device_kind=environment["device_kind"],
+        num_devices=mesh.size, measured_step_s=train_s))
     details["allocator_peak_bytes_so_far"] = timing.allocator_peak_bytes(mesh.devices.flat[0])
     rows = [row]
 
@@ -433,6 +439,9 @@ def _write_outputs(config, workdir: Path, rows, details, environment) -> None:
                     "mfu": "3 x forward FLOPs x train images/s / dense peak of all devices",
                     "train_memory_gb": "XLA buffer assignment of the train step: "
                     "arguments + outputs + temporaries - donated aliases",
+                    "plan_lower_bound_ms": "GPU only: lower bound on the timed step from its "
+                    "own compiled plan (msff_jax.analysis.plan); time_over_plan_bound = "
+                    "measured step time / that bound",
                 },
             },
             indent=2,
