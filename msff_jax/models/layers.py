@@ -22,6 +22,8 @@ from typing import Any, Callable, Optional, Tuple
 import flax.linen as nn
 import jax.numpy as jnp
 
+from msff_jax.models.batch_norm import BatchNorm
+
 ModuleDef = Any
 Activation = Callable[[jnp.ndarray], jnp.ndarray]
 
@@ -45,13 +47,15 @@ def conv_and_norm(
     `norm_momentum` is flax's convention (weight of the old running average), i.e.
     `1 - torch_momentum`: torch's default 0.1 is flax's 0.9.
     BatchNorm has no `axis_name`: under `jax.jit` with the batch sharded over a mesh,
-    its mean and variance are already computed over the global batch.
+    its mean and variance are already computed over the global batch. It is
+    `batch_norm.BatchNorm` (flax's, with a two-pass backward); `norm(relu=True)` applies
+    the ReLU that follows it inside the same backward.
     """
     conv = functools.partial(
         nn.Conv, use_bias=False, dtype=dtype, param_dtype=param_dtype
     )
     norm = functools.partial(
-        nn.BatchNorm,
+        BatchNorm,
         use_running_average=not train,
         momentum=norm_momentum,
         epsilon=norm_epsilon,
@@ -86,6 +90,8 @@ class ConvNormAct(nn.Module):
             feature_group_count=self.groups,
             name="0",
         )(x)
+        if self.activation is nn.relu:  # Folded into BatchNorm's backward.
+            return self.norm(name="1", relu=True)(x)
         x = self.norm(name="1")(x)
         if self.activation is not None:
             x = self.activation(x)

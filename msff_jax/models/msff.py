@@ -180,7 +180,7 @@ class AlignedConvNormAct(nn.Module):
         )
         kernel = _pad_kernel(kernel, x.shape[-1], round_up(self.features, self.alignment))
         y = _run_conv(conv, x, kernel, self.strides, k)
-        y = nn.relu(self.norm(name="1")(_true_channels(y, self.features)))
+        y = self.norm(name="1", relu=True)(_true_channels(y, self.features))
         return _pad_channels(y, round_up(self.features, self.alignment))
 
 
@@ -209,7 +209,7 @@ class PointwiseUnit(nn.Module):
             return ConvKernel(
                 self.features, 1, self.kernel_init, self.param_dtype, name="0"
             )(in_features)
-        return nn.relu(self.norm(name="1")(x))
+        return self.norm(name="1", relu=True)(x)
 
 
 class MultiScaleParallelConv(nn.Module):

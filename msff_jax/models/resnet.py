@@ -49,9 +49,9 @@ class Bottleneck(nn.Module):
         out_features = self.planes * self.expansion
         s = (self.strides, self.strides)
         y = self.conv(self.planes, (1, 1), name="conv1")(x)
-        y = nn.relu(self.norm(name="bn1")(y))
+        y = self.norm(name="bn1", relu=True)(y)
         y = self.conv(self.planes, (3, 3), s, padding=torch_padding(3), name="conv2")(y)
-        y = nn.relu(self.norm(name="bn2")(y))
+        y = self.norm(name="bn2", relu=True)(y)
         y = self.conv(out_features, (1, 1), name="conv3")(y)
         y = self.norm(name="bn3")(y)
         if self.strides != 1 or x.shape[-1] != out_features:
@@ -84,7 +84,7 @@ class ResNet(nn.Module):
             norm_epsilon=self.norm_epsilon,
         )
         x = conv(self.num_filters, (7, 7), (2, 2), padding=torch_padding(7), name="conv1")(x)
-        x = nn.relu(norm(name="bn1")(x))
+        x = norm(name="bn1", relu=True)(x)
         x = max_pool_3x3(x, 2, self.max_pool_backward)
         for stage, size in enumerate(self.stage_sizes):
             for block in range(size):

@@ -1,0 +1,120 @@
+"""BatchNorm with its two-pass backward is flax's BatchNorm: the same forward, statistics
+and parameter tree, gradients equal within float tolerance (alone, followed by ReLU, in
+a whole model and over a sharded batch)."""
+
+import functools
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from msff_jax.models import get_model, TINY_OVERRIDES
+from msff_jax.models import layers
+from msff_jax.models.batch_norm import BatchNorm
+
+
+class FlaxBatchNorm(nn.BatchNorm):
+    """flax's BatchNorm (autodiff backward) followed by ReLU when `relu`: the reference."""
+
+    relu: bool = False
+
+    def __call__(self, x, use_running_average=None):
+        y = super().__call__(x, use_running_average)
+        return nn.relu(y) if self.relu else y
+
+
+def _apply(module, variables, x):
+    def loss(params, x):
+        y, updates = module.apply({"params": params, "batch_stats": variables["batch_stats"]}, x,
+                                  mutable=["batch_stats"])
+        return jnp.sum(jnp.sin(3 * y.astype(jnp.float32))), (y, updates)
+
+    (value, (y, updates)), grads = jax.value_and_grad(loss, argnums=(0, 1), has_aux=True)(
+        variables["params"], x)
+    return y, updates, grads
+
+
+def _relative(a, b):
+    a, b = np.asarray(a, np.float32), np.asarray(b, np.float32)
+    return float(np.max(np.abs(a - b)) / (np.max(np.abs(a)) + 1e-12))
+
+
+@pytest.mark.parametrize("dtype, tolerance", [(jnp.float32, 1e-5), (jnp.bfloat16, 2e-2)])
+@pytest.mark.parametrize("relu", [False, True])
+def test_same_forward_statistics_and_gradients_as_flax(dtype, tolerance, relu):
+    x = (jax.random.normal(jax.random.PRNGKey(1), (8, 5, 5, 12)) * 2 + 0.3).astype(dtype)
+    kwargs = dict(use_running_average=False, momentum=0.9, epsilon=1e-5, dtype=dtype, relu=relu)
+    reference, ours = FlaxBatchNorm(**kwargs), BatchNorm(**kwargs)
+    variables = reference.init(jax.random.PRNGKey(0), x)
+    assert jax.tree.structure(variables) == jax.tree.structure(ours.init(jax.random.PRNGKey(0), x))
+    variables = {"params": {"scale": jnp.linspace(0.5, 1.5, 12), "bias": jnp.linspace(-0.2, 0.3, 12)},
+                 "batch_stats": {"mean": jnp.full(12, 0.1), "var": jnp.full(12, 2.0)}}
+    y_ref, stats_ref, grads_ref = _apply(reference, variables, x)
+    y, stats, grads = _apply(ours, variables, x)
+    assert y.dtype == y_ref.dtype
+    np.testing.assert_array_equal(np.asarray(y, np.float32), np.asarray(y_ref, np.float32))
+    for a, b in zip(jax.tree.leaves(stats_ref), jax.tree.leaves(stats)):
+        np.testing.assert_array_equal(a, b)
+    for a, b in zip(jax.tree.leaves(grads_ref), jax.tree.leaves(grads)):
+        assert _relative(a, b) <= tolerance
+
+
+def test_evaluation_uses_the_running_statistics():
+    x = jax.random.normal(jax.random.PRNGKey(2), (4, 3, 3, 6))
+    variables = {"params": {"scale": jnp.arange(1.0, 7.0), "bias": jnp.ones(6)},
+                 "batch_stats": {"mean": jnp.full(6, 0.5), "var": jnp.full(6, 4.0)}}
+    for relu in (False, True):
+        expected = FlaxBatchNorm(use_running_average=True, relu=relu).apply(variables, x)
+        got = BatchNorm(use_running_average=True, relu=relu).apply(variables, x)
+        np.testing.assert_array_equal(got, expected)
+
+
+def test_sharded_batch_statistics_are_global():
+    """Eight devices, each with its slice of the batch: the statistics and gradients of the
+    whole batch, as on one device."""
+    mesh = jax.sharding.Mesh(np.array(jax.devices()[:8]), ("data",))
+    x = jax.random.normal(jax.random.PRNGKey(3), (16, 4, 4, 8)) + jnp.arange(16.0)[:, None, None, None]
+    module = BatchNorm(use_running_average=False, momentum=0.9, relu=True)
+    variables = module.init(jax.random.PRNGKey(0), x)
+    one = _apply(module, variables, x)
+    sharded = jax.jit(functools.partial(_apply, module))(
+        variables, jax.device_put(x, NamedSharding(mesh, P("data"))))
+    for a, b in zip(jax.tree.leaves(one), jax.tree.leaves(sharded)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=2e-5, atol=2e-5)
+
+
+@pytest.mark.parametrize("name", ["msff_ecomnet", "resnet50", "mobilenet_v3_large"])
+def test_whole_models_match_flax_batch_norm(name, monkeypatch):
+    """Every model builds its BatchNorm through `layers.conv_and_norm`: with flax's in its
+    place the parameter tree is the same and so are the loss and every gradient."""
+    model = get_model(name, 5, **TINY_OVERRIDES[name])
+    images = jax.random.normal(jax.random.PRNGKey(4), (4, 32, 32, 3))
+    labels = jnp.arange(4) % 5
+
+    def loss_and_grads(variables):
+        def loss(params):
+            logits, updates = model.apply({"params": params, "batch_stats": variables["batch_stats"]},
+                                          images, train=True, mutable=["batch_stats"],
+                                          rngs={"dropout": jax.random.PRNGKey(0)})
+            onehot = jax.nn.one_hot(labels, 5)
+            return -jnp.mean(jnp.sum(onehot * jax.nn.log_softmax(logits), -1)), updates
+
+        return jax.value_and_grad(loss, has_aux=True)(variables["params"])
+
+    variables = model.init(jax.random.PRNGKey(0), images, train=False)
+    (loss, stats), grads = loss_and_grads(variables)
+    monkeypatch.setattr(layers, "BatchNorm", FlaxBatchNorm)
+    reference_variables = model.init(jax.random.PRNGKey(0), images, train=False)
+    assert jax.tree.structure(reference_variables) == jax.tree.structure(variables)
+    (loss_ref, stats_ref), grads_ref = loss_and_grads(variables)
+    np.testing.assert_allclose(loss, loss_ref, rtol=1e-6)
+    for a, b in zip(jax.tree.leaves(stats_ref), jax.tree.leaves(stats)):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+    # Leaves whose gradient is zero in exact arithmetic (a bias just before a BatchNorm)
+    # hold rounding noise: compare against the largest gradient of the model as well.
+    largest = max(float(jnp.max(jnp.abs(g))) for g in jax.tree.leaves(grads_ref))
+    for a, b in zip(jax.tree.leaves(grads_ref), jax.tree.leaves(grads)):
+        np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-6 * largest)
