@@ -91,12 +91,12 @@ def _photo_bytes(rng, kind: str, ext_format: tuple[str, str], truth: Truth, rela
     if kind == "grey":
         return _encode(picture.convert("L"), "JPEG", quality=90)
     if kind == "rgba":
-        rgba = picture.convert("RGBA")
-        alpha = np.full((height, width), 255, np.uint8)
-        alpha[: height // 4] = 0  # a transparent band at the top
-        rgba.putalpha(Image.fromarray(alpha))
+        # A transparent band at the top over black pixels, as editing programs often
+        # leave them: on white it must come out white, with alpha dropped it would be black.
+        rgba = np.dstack([np.asarray(picture), np.full((height, width), 255, np.uint8)])
+        rgba[: height // 4] = 0
         truth.transparent.append(relative)
-        return _encode(rgba, "PNG")
+        return _encode(Image.fromarray(rgba, "RGBA"), "PNG")
     if kind == "palette":
         return _encode(picture.convert("P", palette=Image.Palette.ADAPTIVE, colors=32), "PNG")
     if kind == "rotated":
@@ -166,7 +166,7 @@ def _add_broken_and_ignored(root: str, truth: Truth) -> None:
         jpeg = f.read()
     broken = {
         "dress/truncated.jpg": (jpeg[: len(jpeg) // 2], "not a readable image"),
-        "tee/not_an_image.png": (b"this is a text file with an image name\n", "not a readable image"),
+        "tee/not_an_image.png": (b"this is a text file with an image name\n", "not an image"),
         "boots/empty.webp": (b"", "empty file"),
     }
     for relative, (data, problem) in broken.items():

@@ -224,7 +224,7 @@ def discover_table(root: str, table: str, columns: Columns) -> Discovery:
         missing = [c for c in wanted if c not in header]
         if missing:
             raise CatalogueError(
-                f"{table}: no column {', '.join(repr(c) for c in missing)}; its columns are "
+                f"{table}: no column {' and no column '.join(repr(c) for c in missing)}; its columns are "
                 f"{', '.join(repr(c) for c in header)} (set --path_column, --label_column, "
                 "--group_column, --split_column)")
     found = Discovery("table", [], [], [], [], bool(columns.split),
