@@ -383,3 +383,17 @@ def test_user_split_folders_kept_and_a_copy_across_splits_caught(tmp_path):
     records = _records(tmp_path / "out")
     assert all(path.startswith(split + "/") for path, (split, _) in records.items())
     assert manifest["splits"]["train"]["class_counts"] == [4, 4]
+
+
+def test_linked_class_folder_is_read_and_a_second_link_listed(tmp_path):
+    root = tmp_path / "photos"
+    _three_classes(root)
+    elsewhere = tmp_path / "more_pots"
+    for i in range(4):
+        _photo(str(elsewhere / f"{i}.jpg"), 50 + i)
+    os.symlink(elsewhere, root / "pot")
+    os.symlink(elsewhere, root / "tee" / "same_pots")  # the same folder again, inside another class
+    manifest, report = _convert(root, tmp_path / "out")
+    assert manifest["class_names"] == ["cap", "mug", "pot", "tee"]
+    assert sum(manifest["splits"][s]["class_counts"][2] for s in splitting.SPLITS) == 4
+    assert report["ignored_files"] == ["tee/same_pots/"]

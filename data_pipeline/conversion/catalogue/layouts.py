@@ -8,7 +8,8 @@ into train/val/test folders, or a table (CSV, TSV or JSON Lines).
 
 Nothing is dropped without a word: a row or file that cannot be used becomes a
 `Problem` (the caller stops on it, or skips it and lists it in the report), and files
-that are not images by their extension, or hidden, are listed as ignored.
+that are not images by their extension, hidden files and folders, and a second link to
+a folder already read are listed as ignored.
 """
 
 from __future__ import annotations
@@ -59,7 +60,7 @@ class Discovery:
     layout: str  # "folders", "split folders" or "table"
     entries: list[Entry]
     problems: list[Problem]
-    ignored: list[str]  # files that are no images by extension, hidden files and folders
+    ignored: list[str]  # no images by extension, hidden, or a folder linked a second time
     class_folders: list[str]  # folder layouts: every class folder, empty ones included
     user_split: bool
     group_source: str  # what makes a product: "subfolders", "the 'sku' column", "none"
@@ -74,12 +75,24 @@ def _hidden(name: str) -> bool:
 
 
 def _walk(top: str) -> Iterator[tuple[str, list[str], list[str]]]:
-    """os.walk in sorted order (the result must not depend on the file system's order)
-    that does not descend into hidden folders; yields them as ignored files."""
-    for directory, folders, files in os.walk(top):
-        hidden = sorted(f for f in folders if _hidden(f))
-        folders[:] = sorted(f for f in folders if not _hidden(f))
-        yield directory, hidden, sorted(files)
+    """os.walk in sorted order (the result must not depend on the file system's order),
+    yielding `(folder, subfolders not entered, files)`. It follows links to folders, as
+    people build datasets out of links, but enters no folder twice (a second link to it,
+    or a link cycle), and no hidden folder; the caller lists those as ignored."""
+    status = os.stat(top)
+    seen = {(status.st_dev, status.st_ino)}
+    for directory, folders, files in os.walk(top, followlinks=True):
+        entered, passed = [], []
+        for name in sorted(folders):
+            status = os.stat(os.path.join(directory, name))
+            key = (status.st_dev, status.st_ino)
+            if _hidden(name) or key in seen:
+                passed.append(name)
+            else:
+                seen.add(key)
+                entered.append(name)
+        folders[:] = entered
+        yield directory, passed, sorted(files)
 
 
 def _relative(root: str, path: str) -> str:
@@ -89,9 +102,9 @@ def _relative(root: str, path: str) -> str:
 def _scan_class_folders(root: str, top: str, split: Optional[str], group_subfolders: bool,
                         found: Discovery) -> None:
     """Adds the images of `top/<class>/**` to `found`."""
-    for directory, hidden, files in _walk(top):
+    for directory, passed, files in _walk(top):
         depth = len(os.path.relpath(directory, top).split(os.sep)) if directory != top else 0
-        found.ignored += [_relative(root, os.path.join(directory, h)) + "/" for h in hidden]
+        found.ignored += [_relative(root, os.path.join(directory, p)) + "/" for p in passed]
         if depth == 0:
             for name in files:
                 relative = _relative(root, os.path.join(directory, name))
@@ -131,8 +144,8 @@ def discover_folders(root: str, *, group_subfolders: bool = True) -> Discovery:
     if not user_split:
         _scan_class_folders(root, root, None, group_subfolders, found)
     else:
-        for directory, hidden, files in _walk(root):  # the root itself: loose files only
-            found.ignored += [_relative(root, os.path.join(directory, h)) + "/" for h in hidden]
+        for directory, passed, files in _walk(root):  # the root itself: loose files only
+            found.ignored += [_relative(root, os.path.join(directory, p)) + "/" for p in passed]
             for name in files:
                 relative = _relative(root, os.path.join(directory, name))
                 if is_image_name(name) and not _hidden(name):

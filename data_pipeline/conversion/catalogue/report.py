@@ -155,7 +155,7 @@ def markdown(report: dict) -> str:
         f"- {images_['converted']} images converted in {len(names)} classes: "
         + ", ".join(f"{s} {splits[s]['num_images']}" for s in splitting.SPLITS),
         f"- {images_['skipped']} images skipped (listed below), {images_['ignored_files']} files ignored "
-        "(not images by their extension, or hidden)",
+        "(not images by their extension, hidden, or a second link to a folder)",
         f"- {products['count']} products (grouped by {products['grouped_by']}, exact duplicates joined): "
         f"{products['with_several_images']} with several images, the largest {products['largest']}; "
         f"{products['across_splits']} across splits",
