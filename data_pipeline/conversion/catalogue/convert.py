@@ -59,7 +59,7 @@ class _Policy:
             others = ""
             if len(problems) > 1:
                 kinds = collections.Counter(p.kind for p in problems[1:])
-                others = f" (and {len(problems) - 1} more: {', '.join(f'{n} {k}' for k, n in kinds.items())})"
+                others = f" (and {len(problems) - 1} more: {', '.join(f'{k} {n}' for k, n in kinds.items())})"
             raise CatalogueError(f"{first.where}: {first.reason}{others}; fix it, or {SKIP_HINT}")
         self.skipped.extend(problems)
 
