@@ -375,6 +375,8 @@ def test_user_split_folders_kept_and_a_copy_across_splits_caught(tmp_path):
                 seed += 1
                 _photo(str(root / split / name / f"{i}.png"), seed, "PNG")
     shutil.copyfile(root / "train" / "mug" / "0.png", root / "test" / "mug" / "copy.png")
+    _photo(str(root / "train" / "cap" / "sku9" / "front.png"), 90, "PNG")  # one product in two splits
+    _photo(str(root / "test" / "cap" / "sku9" / "back.png"), 91, "PNG")
     with pytest.raises(CatalogueError, match=r"^test/mug/copy.png: the same bytes as train/mug/0.png in train"):
         _convert(root, tmp_path / "out")
     manifest, report = _convert(root, tmp_path / "out", skip_bad=True)
@@ -382,7 +384,9 @@ def test_user_split_folders_kept_and_a_copy_across_splits_caught(tmp_path):
     assert [s["kind"] for s in report["skipped"]] == ["duplicate across splits"]
     records = _records(tmp_path / "out")
     assert all(path.startswith(split + "/") for path, (split, _) in records.items())
-    assert manifest["splits"]["train"]["class_counts"] == [4, 4]
+    assert manifest["splits"]["train"]["class_counts"] == [5, 4]
+    assert report["products"]["across_splits"] == 1
+    assert any(w.startswith("1 product(s) (a product folder") for w in report["warnings"])
 
 
 def test_linked_class_folder_is_read_and_a_second_link_listed(tmp_path):

@@ -80,6 +80,10 @@ def build(*, image_root: str, table: Optional[str], layout: str, group_source: s
     warnings = [f"class {name!r} has no {split} images: its {split} measures are undefined"
                 for split in ("val", "test") for c, name in enumerate(class_names)
                 if per_split[split]["class_counts"][c] == 0]
+    across = sum(len(s) > 1 for s in split_of_unit)
+    if user_split and across:
+        warnings.append(f"{across} product(s) (a product folder or group id, with its duplicates) have images in "
+                        "more than one of your splits: the model is then tested on products it has seen")
     near_sets = [{"max_distance": s.max_distance, "files": [file(i) for i in s.members],
                   "splits_differ": len({splits[i] for i in s.members}) > 1} for s in near]
     report = {
@@ -98,7 +102,7 @@ def build(*, image_root: str, table: Optional[str], layout: str, group_source: s
         "products": {"grouped_by": group_source, "count": len(units),
                      "with_several_images": sum(len(u) > 1 for u in units),
                      "largest": max((len(u) for u in units), default=0),
-                     "across_splits": sum(len(s) > 1 for s in split_of_unit)},
+                     "across_splits": across},
         "class_imbalance": _imbalance(class_names, per_split["train"]["class_counts"]),
         "skipped": [{"where": p.where, "reason": p.reason, "kind": p.kind, "images": p.images} for p in skipped],
         "skipped_by_kind": dict(collections.Counter(p.kind for p in skipped)),
