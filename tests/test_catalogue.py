@@ -355,7 +355,7 @@ def test_json_lines_with_a_split_column_names_each_bad_row(tmp_path, row, named,
              "split": ("train", "validation", "test")[int(r["file"].split("-")[1])]} for r in rows]
     lines = [json.dumps(r) for r in good]
     lines.insert(10, row if isinstance(row, str) else json.dumps(row))  # becomes line 11
-    table.write_text("\n".join(lines) + "\n")
+    table.write_text("\ufeff" + "\n".join(lines) + "\n", encoding="utf-8")  # a byte-order mark here too
     options = dict(table=table, columns=Columns(split="split"), classes=["cap", "mug", "tee"])
     with pytest.raises(CatalogueError, match="^" + re.escape(f"catalogue.jsonl {named}: {reason}")):
         _convert(root, tmp_path / "out", **options)
@@ -401,3 +401,15 @@ def test_linked_class_folder_is_read_and_a_second_link_listed(tmp_path):
     assert manifest["class_names"] == ["cap", "mug", "pot", "tee"]
     assert sum(manifest["splits"][s]["class_counts"][2] for s in splitting.SPLITS) == 4
     assert report["ignored_files"] == ["tee/same_pots/"]
+
+
+@pytest.mark.parametrize("name, content, message", [
+    ("catalogue.csv", "path,label\nimg/caf\xe9.jpg,cap\n".encode("latin-1"), "catalogue.csv: line 2 is not UTF-8 text"),
+    ("catalogue.json", b'[{"path": "a.jpg", "label": "cap"}]\n', "holds a JSON array; write one JSON object"),
+    ("catalogue.xlsx", b"PK\x03\x04", "unknown table type '.xlsx'"),
+])
+def test_a_table_that_cannot_be_read_stops_the_run(tmp_path, name, content, message):
+    (tmp_path / "photos").mkdir()
+    (tmp_path / name).write_bytes(content)
+    with pytest.raises(CatalogueError, match=re.escape(message)):
+        _convert(tmp_path / "photos", tmp_path / "out", table=tmp_path / name, skip_bad=True)

@@ -204,10 +204,20 @@ def _rows(table: str) -> Iterator[tuple[int, object]]:
                 raise CatalogueError(f"{table}: unknown table type {extension!r}; use .csv, .tsv or "
                                      ".jsonl (JSON Lines)")
     except UnicodeDecodeError as err:
-        raise CatalogueError(f"{table}: not UTF-8 text (byte {err.start}: {err.reason}); save it as "
-                             "UTF-8 (CSV UTF-8 in spreadsheet programs)") from err
+        raise CatalogueError(f"{table}: line {_first_line_not_utf8(table)} is not UTF-8 text; save the "
+                             "table as UTF-8 (CSV UTF-8 in spreadsheet programs)") from err
     except csv.Error as err:
         raise CatalogueError(f"{table}: not a readable CSV file ({err})") from err
+
+
+def _first_line_not_utf8(table: str) -> int:
+    with open(table, "rb") as stream:
+        for number, line in enumerate(stream, start=1):
+            try:
+                line.decode("utf-8")
+            except UnicodeDecodeError:
+                return number
+    return 0
 
 
 def _value(row: dict, column: str) -> str:
