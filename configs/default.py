@@ -108,6 +108,11 @@ def get_config(model: str | None = None) -> ml_collections.ConfigDict:
     # Label smoothing 0.1: DeepFashion's categories overlap (Tee/Top/Blouse, Sweater/
     # Cardigan) and some labels are noisy; smoothing calms over-confident logits.
     config.label_smoothing = 0.1
+    # Against class imbalance (a catalogue's data_report.md states it): 'balanced' or the
+    # milder 'sqrt' weights each image's loss by its class's training count
+    # (msff_jax/train/class_weights.py says why weights and not sampling). DeepFashion-15
+    # is drawn class-balanced, so 'none'.
+    config.class_weights = "none"
     # EMA of the parameters, used for evaluation when > 0. Off by default: with a cosine
     # schedule to zero it adds little; 0.9998 helps short or noisy runs.
     config.ema_decay = 0.0

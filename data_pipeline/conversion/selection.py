@@ -135,10 +135,7 @@ def _parse_ratios(split: str) -> list[float]:
 def grouped_split(images: Sequence[LabelledImage], labels: Sequence[int], num_classes: int, ratios, rng) -> list[str]:
     """Assigns whole product folders to splits, tracking the ratios per class.
 
-    Folders go largest first (random order among equal sizes). Each goes to the split
-    where it most reduces the summed distance |assigned - target| over its classes, so
-    large folders land where there is room and small ones then fill the gaps exactly.
-    Ties go to the split furthest behind its overall target.
+    Folders go largest first (random order among equal sizes) through `assign_groups`.
     """
     folders: dict[str, list[int]] = collections.defaultdict(list)
     for i, image in enumerate(images):
@@ -148,21 +145,38 @@ def grouped_split(images: Sequence[LabelledImage], labels: Sequence[int], num_cl
     names = sorted((names[i] for i in order), key=lambda n: -len(folders[n]))
     class_totals = np.bincount(np.asarray(labels, dtype=np.int64), minlength=num_classes)
     targets = np.outer(np.asarray(ratios), class_totals)  # (split, class)
-    assigned = np.zeros_like(targets)
+    group_counts = [np.bincount([labels[i] for i in folders[name]], minlength=num_classes) for name in names]
+    chosen = assign_groups(group_counts, targets, np.zeros_like(targets), ratios)
     result = [""] * len(images)
-    for name in names:
-        members = folders[name]
-        counts = np.bincount([labels[i] for i in members], minlength=num_classes)
+    for name, split_index in zip(names, chosen):
+        for i in folders[name]:
+            result[i] = SPLITS[split_index]
+    return result
+
+
+def assign_groups(group_counts: Sequence[np.ndarray], targets: np.ndarray, assigned: np.ndarray,
+                  ratios) -> list[int]:
+    """The split index of each group, placed one after another in the order given.
+
+    `group_counts[g]` is group g's images per class; `targets` and `assigned` are
+    (split, class) arrays, `assigned` what earlier placements hold (updated in place).
+    Each group goes to the split where it most reduces the summed distance
+    |assigned - target| over its classes, so large groups (given first) land where there
+    is room and small ones then fill the gaps exactly. Ties go to the split furthest
+    behind its overall target; a split of ratio 0 gets nothing.
+    """
+    closed = np.asarray(ratios) == 0
+    chosen = []
+    for counts in group_counts:
         change = np.abs(assigned + counts - targets) - np.abs(assigned - targets)
         cost = change.sum(axis=1)
-        cost[np.asarray(ratios) == 0] = np.inf
+        cost[closed] = np.inf
         # Among equally good splits, the one furthest behind its overall target.
         fill = assigned.sum(axis=1) / np.maximum(targets.sum(axis=1), 1.0)
         split_index = int(np.lexsort((fill, np.round(cost, 9)))[0])
         assigned[split_index] += counts
-        for i in members:
-            result[i] = SPLITS[split_index]
-    return result
+        chosen.append(split_index)
+    return chosen
 
 
 def select(

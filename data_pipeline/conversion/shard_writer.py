@@ -129,12 +129,14 @@ def write_shards(
     on_bad_image: str = "error",
     num_workers: Optional[int] = None,
     progress: bool = True,
+    skip_hint: str = "use --on_bad_image=skip to leave such images out",
 ) -> tuple[dict[str, list[dict]], list[dict]]:
     """Writes every shard (reusing finished ones); returns `(shard infos per split, skipped)`.
 
     `encode` maps one item to an `Encoded`; it must be a module-level function when
     `num_workers > 1`. `options` is everything else that changes the bytes written
-    (crop, resize, ...); it is part of each shard's fingerprint.
+    (crop, resize, ...); it is part of each shard's fingerprint. `skip_hint` ends the
+    error for a bad image: how the program's user asks to skip such images.
     """
     if on_bad_image not in ("error", "skip"):
         raise ValueError(f"on_bad_image must be 'error' or 'skip', got {on_bad_image!r}")
@@ -157,7 +159,7 @@ def write_shards(
         results: Iterator[Encoded] = pool.imap(encode, items, chunksize=8) if pool else map(encode, items)
         with open(output_dir / JOURNAL, "a") as journal_stream:
             for shard, fingerprint in todo:
-                entry = _write_one(output_dir, shard, results, num_classes, on_bad_image, bar)
+                entry = _write_one(output_dir, shard, results, num_classes, on_bad_image, skip_hint, bar)
                 entry["fingerprint"] = fingerprint
                 journal_stream.write(json.dumps(entry) + "\n")
                 journal_stream.flush()
@@ -177,7 +179,7 @@ def write_shards(
     return infos, skipped
 
 
-def _write_one(output_dir, shard: ShardSpec, results, num_classes, on_bad_image, bar) -> dict:
+def _write_one(output_dir, shard: ShardSpec, results, num_classes, on_bad_image, skip_hint, bar) -> dict:
     final = output_dir / shard.file
     partial = output_dir / (shard.file + ".partial")
     digest = hashlib.sha256()
@@ -190,7 +192,7 @@ def _write_one(output_dir, shard: ShardSpec, results, num_classes, on_bad_image,
             if encoded.problem is not None:
                 if on_bad_image == "error":
                     raise BadImageError(
-                        f"{encoded.description}: {encoded.problem} (use --on_bad_image=skip to leave such images out)")
+                        f"{encoded.description}: {encoded.problem} ({skip_hint})")
                 skipped.append({"image": encoded.description, "problem": encoded.problem})
                 bar.write(f"skipped {encoded.description}: {encoded.problem}", file=sys.stderr)
                 continue

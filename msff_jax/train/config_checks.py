@@ -10,6 +10,7 @@ from typing import Any
 from data_pipeline.records import reader
 from data_pipeline.records import transforms
 from msff_jax.console import ConfigError, PathError
+from msff_jax.train import class_weights
 from msff_jax.train import mesh as mesh_lib
 from msff_jax.train import optimizers
 
@@ -163,4 +164,5 @@ def check_config(config, *, num_devices: int, process_count: int) -> dict:
         if split not in manifest["splits"]:
             raise ConfigError(f"split {split!r} is not in {config.data_dir}/manifest.json (it has "
                              f"{sorted(manifest['splits'])}); change config.train_split/eval_split.")
+    class_weights.check(config, manifest)
     return manifest

@@ -13,6 +13,7 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+from msff_jax.train import class_weights
 from msff_jax.train import config_checks
 from msff_jax.train import mesh as mesh_lib
 from msff_jax.train import state as train_state_lib
@@ -35,8 +36,10 @@ def _split_micro_batches(x, num_micro: int, mesh):
 
 
 def make_loss_fn(config, model):
-    """Cross-entropy with label smoothing on one (micro-)batch; also returns new BN stats."""
+    """Cross-entropy with label smoothing (and `config.class_weights`) on one
+    (micro-)batch; also returns new BN stats."""
     dtype = train_state_lib.compute_dtype(config)
+    weights = class_weights.for_config(config)
 
     def loss_fn(params, batch_stats, images_uint8, labels, dropout_rng, loss_scale):
         images = normalize_images(images_uint8, config.mean_rgb, config.stddev_rgb, dtype)
@@ -46,7 +49,7 @@ def make_loss_fn(config, model):
         logits = logits.astype(jnp.float32)
         targets = optax.smooth_labels(jax.nn.one_hot(labels, config.num_classes),
                                       config.label_smoothing)
-        loss = optax.softmax_cross_entropy(logits, targets).mean()
+        loss = class_weights.mean_loss(optax.softmax_cross_entropy(logits, targets), labels, weights)
         correct = jnp.sum(jnp.argmax(logits, -1) == labels)
         return loss * loss_scale, (loss, correct, updated.get("batch_stats", batch_stats))
 
