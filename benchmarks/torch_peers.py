@@ -8,8 +8,14 @@ already on the device, channels-last memory format, bfloat16 autocast, `torch.co
 on and off, warm-up steps excluded, `torch.cuda.synchronize` around the timed region,
 and the median over repeated timed rounds.
 
-- Train step: forward, cross-entropy loss, backward, SGD (momentum 0.9, Nesterov) step.
-- Inference: forward under `torch.inference_mode()` in eval mode.
+- Train step: the step of `benchmarks/torch_train_step.py`, which does the work of our
+  JAX step with the recipe of `configs/default.py` for the model: uint8 images
+  normalised on the device, cross-entropy with label smoothing, the global gradient
+  norm and the finite guard, Nesterov SGD with coupled weight decay on kernels and the
+  warm-up-cosine schedule. With `--compile on` the whole step function goes through
+  `torch.compile` (forward, backward and update), in the mode `--compile_mode` names.
+- Inference: normalisation and forward under `torch.inference_mode()` in eval mode,
+  compiled as one function likewise.
 
 Rows are appended to a CSV in the column order the JAX benchmark writes (timm's columns
 plus framework, device, dtype, mfu, compile_s), so one table compares both frameworks.
@@ -25,7 +31,6 @@ torch is not a dependency of the `msff_jax` package: install it with
 from __future__ import annotations
 
 import argparse
-import contextlib
 import csv
 import statistics
 import sys
@@ -38,8 +43,9 @@ import torch
 import torch.nn as nn
 import torchvision
 
-
 from benchmarks import msff_torch
+from benchmarks import torch_train_step
+from configs import default as default_config
 from msff_jax.analysis.benchmark.device_peaks import peak_flops_per_second
 # One column list for both frameworks' rows, so one table compares them.
 from msff_jax.analysis.benchmark.outputs import CSV_COLUMNS
@@ -114,10 +120,15 @@ def median_step_seconds(
     return statistics.median(per_step)
 
 
-def autocast_context(device: torch.device, dtype: str):
-    if dtype == "bfloat16":
-        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
-    return contextlib.nullcontext()
+def autocast_dtype(dtype: str) -> Optional[torch.dtype]:
+    return torch.bfloat16 if dtype == "bfloat16" else None
+
+
+def recipe_for(name: str, batch_size: int) -> torch_train_step.TrainRecipe:
+    """The JAX benchmark's recipe for `name` at this batch (the learning rate scales with it)."""
+    config = default_config.get_config(name)
+    config.batch_size = batch_size
+    return torch_train_step.recipe_from_config(config)
 
 
 def benchmark_model(
@@ -145,30 +156,29 @@ def benchmark_model(
     forward_flops = count_forward_flops(model, args.image_size, device)
     row["gmacs"] = significant(forward_flops / 2 / 1e9)
     model = model.to(memory_format=torch.channels_last)
+    trainer = torch_train_step.TrainStep(
+        model, recipe_for(name, args.batch_size), autocast_dtype(args.dtype))
     compile_options = {"mode": args.compile_mode} if args.compile_mode else {}
-    runnable = (torch.compile(model, backend=args.compile_backend, **compile_options)
-                if compile_model else model)
+
+    def compiled(function):
+        if not compile_model:
+            return function
+        return torch.compile(function, backend=args.compile_backend, **compile_options)
+
+    run_train, run_infer = compiled(trainer.__call__), compiled(trainer.forward)
 
     batch = args.batch_size
-    images = torch.randn(batch, 3, args.image_size, args.image_size, device=device)
-    images = images.contiguous(memory_format=torch.channels_last)
+    # uint8 in the layout the JAX step receives; its NCHW view is channels-last.
+    images = torch.randint(0, 256, (batch, args.image_size, args.image_size, 3),
+                           dtype=torch.uint8, device=device)
     labels = torch.randint(0, args.num_classes, (batch,), device=device)
-    loss_fn = nn.CrossEntropyLoss()
-    optimizer = torch.optim.SGD(
-        model.parameters(), lr=args.learning_rate, momentum=0.9, nesterov=True
-    )
 
     def infer_step():
-        with torch.inference_mode(), autocast_context(device, args.dtype):
-            return runnable(images)
+        with torch.inference_mode():
+            return run_infer(images)
 
     def train_step():
-        optimizer.zero_grad(set_to_none=True)
-        with autocast_context(device, args.dtype):
-            loss = loss_fn(runnable(images), labels)
-        loss.backward()
-        optimizer.step()
-        return loss
+        return run_train(images, labels)
 
     def first_call_then_median(step, training: bool) -> tuple[float, float]:
         """(seconds of the first call, which compiles, median seconds per step after warm-up)."""
@@ -264,7 +274,6 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     parser.add_argument(
         "--tf32", action="store_true", help="allow TF32 matmuls/convs for float32"
     )
-    parser.add_argument("--learning_rate", type=float, default=0.1)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--csv", type=Path, default=None, help="append rows to this CSV")
     args = parser.parse_args(argv)

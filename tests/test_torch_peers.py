@@ -65,8 +65,11 @@ def test_tiny_cpu_run_appends_rows_in_the_shared_format(tmp_path):
         sum(p.numel() for p in twin.parameters()) / 1e6, abs=1e-6)
 
 
-def test_compiled_bfloat16_run_of_the_twin(tmp_path):
-    """torch.compile's tracing (the 'eager' backend: no C++ build) and bf16 autocast."""
+def test_compiled_bfloat16_run_of_the_twin(monkeypatch):
+    """torch.compile's tracing of the whole train step (the 'eager' backend: no C++
+    build) and bf16 autocast, on the tiny twin (tracing the full one takes ~20 s here)."""
+    monkeypatch.setitem(torch_peers.MODEL_BUILDERS, "msff_ecomnet", lambda n: msff_torch.build_twin(
+        "msff_ecomnet", n, **TINY_OVERRIDES["msff_ecomnet"]))
     rows = torch_peers.main(["--models", "msff_ecomnet", *TINY_RUN, "--compile", "on",
                              "--compile_backend", "eager", "--dtype", "bfloat16"])
     (row,) = rows
