@@ -151,4 +151,6 @@ def get_config(model: str | None = None) -> ml_collections.ConfigDict:
     config.plan.memory_fraction = 0.75
     # Find the largest batch that fits even when the configured one does (more compiles).
     config.plan.search_max_batch = False
+    # Also write each compiled program's optimised HLO to WORKDIR/hlo/ (tens of MB).
+    config.plan.save_hlo = False
     return config

@@ -29,11 +29,20 @@ import jax.numpy as jnp
 from jax import lax
 
 
+def _sums(a, b, axes):
+    """`(a.sum(axes), b.sum(axes))` as one variadic reduction: the compiler splits a large
+    reduction into a partial and a final kernel, and two sums of one pass otherwise end
+    in two final kernels."""
+    zero = jnp.zeros((), a.dtype)
+    return lax.reduce((a, b), (zero, zero), lambda x, y: (x[0] + y[0], x[1] + y[1]), axes)
+
+
 def _statistics(x):
     axes = tuple(range(x.ndim - 1))
     x32 = x.astype(jnp.float32)
-    mean = x32.mean(axes)
-    mean_of_squares = (x32 * x32).mean(axes)
+    total, total_of_squares = _sums(x32, x32 * x32, axes)
+    count = x.size // x.shape[-1]
+    mean, mean_of_squares = total / count, total_of_squares / count
     return x32, mean, jnp.maximum(0.0, mean_of_squares - mean * mean)
 
 
@@ -60,13 +69,17 @@ def _backward(epsilon, relu, dtype, residuals, cotangents):
     # The statistics feed only the running averages, which no loss depends on: their
     # cotangents are zero and ignored.
     x, mean, inverse, scale, bias = residuals
-    g = cotangents[0].astype(jnp.float32)
+    g = cotangents[0]
     axes = tuple(range(x.ndim - 1))
     x_hat = (x.astype(jnp.float32) - mean) * inverse
-    if relu:  # The mask flax's ReLU applies: its input, in the output dtype, above zero.
-        g = jnp.where((x_hat * scale + bias).astype(dtype) > 0, g, 0.0)
-    d_bias = g.sum(axes)
-    d_scale = (g * x_hat).sum(axes)
+    if relu:
+        # flax's ReLU mask (its input, in the output dtype, above zero), applied in the
+        # output dtype as autodiff does: where the incoming gradient is expensive to
+        # recompute (a fused attention backward) the compiler keeps the masked gradient
+        # for both passes, and in that dtype it is half the size of float32.
+        g = jnp.where((x_hat * scale + bias).astype(dtype) > 0, g, jnp.zeros((), g.dtype))
+    g = g.astype(jnp.float32)
+    d_bias, d_scale = _sums(g, g * x_hat, axes)
     count = x.size // x.shape[-1]
     dx = (scale * inverse / count) * (count * g - d_bias - x_hat * d_scale)
     return dx.astype(x.dtype), d_scale.astype(scale.dtype), d_bias.astype(bias.dtype)

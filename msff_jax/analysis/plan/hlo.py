@@ -51,6 +51,7 @@ class Instruction:
     attributes: str  # Everything after the operand list, as printed.
     is_root: bool = False
     operand_shapes: list[list[Array]] = dataclasses.field(default_factory=list)
+    parameter_number: int | None = None  # For `parameter(N)` instructions.
 
     @property
     def result_bytes(self) -> int:
@@ -174,10 +175,14 @@ def _parse_instruction(line: str) -> Instruction | None:
         return None
     open_at = opcode_match.end() - 1
     close_at = _matching(rest, open_at)
-    operands = re.findall(r"%([\w.\-]+)", rest[open_at:close_at + 1])
-    return Instruction(name=match.group(2), opcode=opcode_match.group(1),
-                       shapes=parse_shapes(shape_text), operands=operands,
-                       attributes=rest[close_at + 1:], is_root=bool(match.group(1)))
+    operand_text = rest[open_at:close_at + 1]
+    operands = re.findall(r"%([\w.\-]+)", operand_text)
+    opcode = opcode_match.group(1)
+    number = re.fullmatch(r"\((\d+)\)", operand_text) if opcode == "parameter" else None
+    return Instruction(name=match.group(2), opcode=opcode, shapes=parse_shapes(shape_text),
+                       operands=operands, attributes=rest[close_at + 1:],
+                       is_root=bool(match.group(1)),
+                       parameter_number=int(number.group(1)) if number else None)
 
 
 def parse_module(text: str) -> Module:

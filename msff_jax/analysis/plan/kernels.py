@@ -7,7 +7,8 @@ not):
   launches: an XLA fusion, a library call (cuDNN, cuBLAS), a copy, a collective. Kernels
   inside a loop body count once per iteration when XLA knows the trip count.
 - Bytes at kernel boundaries: per kernel, its operands plus its results, as the compiled
-  shapes say. Inside a fusion the data stays in registers and shared memory, so this is
+  shapes say (an operand a fusion only slices counts as the slices it reads, and an
+  elementwise loop fusion reads at most as many elements of an operand as it writes). Inside a fusion the data stays in registers and shared memory, so this is
   the traffic a perfect kernel would still have to move through device memory (caches
   can only lower it).
 - FLOPs: convolutions and matrix products only (2 per multiply-add); elementwise
@@ -97,11 +98,74 @@ def _operand_arrays(instruction: hlo.Instruction) -> list[hlo.Array]:
     return [a for shapes in instruction.operand_shapes for a in shapes]
 
 
-def _boundary_bytes(instruction: hlo.Instruction) -> int:
+def _sliced_reads(module: hlo.Module, instruction: hlo.Instruction) -> dict[int, int]:
+    """Bytes a fusion reads of operands it only slices: {operand index: bytes}.
+
+    A fusion that takes a large buffer and keeps a slice of it (splitting a flat buffer
+    back into parameters, say) reads the slice, not the buffer."""
+    body = module.computations.get(instruction.called[0]) if instruction.called else None
+    if body is None:
+        return {}
+    users: dict[str, list[hlo.Instruction]] = {}
+    for inner in body.instructions:
+        for name in inner.operands:
+            users.setdefault(name, []).append(inner)
+
+    def read(name: str) -> int | None:
+        total = 0
+        for user in users.get(name, []):
+            if user.opcode in ("slice", "dynamic-slice"):
+                total += user.result_bytes
+            elif user.opcode == "bitcast":
+                inner = read(user.name)
+                if inner is None:
+                    return None
+                total += inner
+            else:
+                return None
+        return total
+
+    sliced = {}
+    for inner in body.instructions:
+        if inner.opcode == "parameter" and inner.parameter_number is not None:
+            amount = read(inner.name)
+            if amount is not None and users.get(inner.name):
+                sliced[inner.parameter_number] = min(amount, inner.result_bytes)
+    return sliced
+
+
+_NOT_ELEMENTWISE = {"reduce", "reduce-window", "select-and-scatter", "scatter", "dot",
+                    "convolution", "sort", "custom-call", "fusion"}
+
+
+def _elementwise_loop(module: hlo.Module, instruction: hlo.Instruction) -> bool:
+    """A loop fusion computing each output element from a few input elements: it reads
+    no more of an operand than it writes elements."""
+    if instruction.attribute("kind") != "kLoop" or not instruction.called:
+        return False
+    body = module.computations.get(instruction.called[0])
+    return body is not None and not any(i.opcode in _NOT_ELEMENTWISE for i in body.instructions)
+
+
+def _boundary_bytes(module: hlo.Module, instruction: hlo.Instruction) -> int:
     results = instruction.shapes
     if instruction.opcode == "custom-call":  # A library call's scratch is not traffic.
         results = [a for a in results if a.dtype != "u8"]
-    return sum(a.bytes for a in _operand_arrays(instruction)) + sum(a.bytes for a in results)
+    written = sum(a.bytes for a in results)
+    if instruction.opcode != "fusion":
+        return sum(a.bytes for a in _operand_arrays(instruction)) + written
+    sliced = _sliced_reads(module, instruction)
+    elementwise = _elementwise_loop(module, instruction)
+    out_elements = sum(a.elements for a in results)
+    reads = 0
+    for index, shapes in enumerate(instruction.operand_shapes):
+        size = sum(a.bytes for a in shapes)
+        if index in sliced:
+            size = sliced[index]
+        elif elementwise and shapes:  # E.g. an update computed only where it is sliced.
+            size = min(size, out_elements * (shapes[0].bytes // max(shapes[0].elements, 1)))
+        reads += size
+    return reads + written
 
 
 def _labels(dim_labels: str) -> tuple[str, str, str]:
@@ -216,7 +280,7 @@ def _classify(module: hlo.Module, instruction: hlo.Instruction, count: int) -> K
         kind = "other"
     op_name = instruction.op_name
     return Kernel(name=instruction.name, kind=kind, layer=layer_of(op_name), phase=phase_of(op_name),
-                  bytes=_boundary_bytes(instruction), flops=flops, dtype=dtype, count=count,
+                  bytes=_boundary_bytes(module, instruction), flops=flops, dtype=dtype, count=count,
                   conv=conv)
 
 

@@ -35,7 +35,7 @@ def _one_line(err: BaseException, limit: int = 400) -> str:
 
 
 def plan_program(program: programs.Program, target, usable: float, *,
-                 search_max_batch: bool) -> dict:
+                 search_max_batch: bool, hlo_dir: Path | None = None) -> dict:
     """Compiles one program at its configured batch and reads its plan."""
     started = time.monotonic()
     result = {"compiled": False, "error": None, "global_batch": program.batch_size,
@@ -50,8 +50,12 @@ def plan_program(program: programs.Program, target, usable: float, *,
     used = memory.memory_of(compiled)
     result.update(compiled=True, memory=used, fits=used["peak_bytes"] <= usable,
                   max_global_batch=None)
-    result.update(kernels.analyse(compiled.as_text(), target, program.num_devices))
-    del compiled
+    text = compiled.as_text()
+    result.update(kernels.analyse(text, target, program.num_devices))
+    if hlo_dir is not None:
+        hlo_dir.mkdir(parents=True, exist_ok=True)
+        (hlo_dir / f"{program.name}.hlo.txt").write_text(text)
+    del compiled, text
 
     if not result["fits"] or search_max_batch:
         def peak_at(batch: int) -> float:
@@ -93,8 +97,9 @@ def run(config, workdir: str) -> dict:
     results = {}
     for program in programs.build_programs(config, devices, names):
         console.say(f"  {program.name}: compiling at global batch {program.batch_size}")
-        results[program.name] = plan_program(program, target, usable,
-                                             search_max_batch=bool(settings.search_max_batch))
+        results[program.name] = plan_program(
+            program, target, usable, search_max_batch=bool(settings.search_max_batch),
+            hlo_dir=Path(workdir) / "hlo" if settings.get("save_hlo") else None)
         if results[program.name]["error"]:
             console.say(f"  {results[program.name]['error']}")
 
