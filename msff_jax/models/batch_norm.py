@@ -1,5 +1,5 @@
-"""BatchNorm (optionally with the ReLU that follows it) whose backward reads its input
-twice, not three times.
+"""BatchNorm (with the residual sum and the ReLU that may follow it) whose backward reads
+its input twice, not three times.
 
 The forward, the parameters (`scale`, `bias`) and the statistics (`mean`, `var`, float32,
 updated as `momentum * old + (1 - momentum) * batch`) are `flax.linen.BatchNorm`'s with
@@ -14,8 +14,10 @@ pass reads them again and writes the input gradient,
     dx = scale * rsqrt(var + eps) / n * (n * g - sum(g) - x_hat * sum(g * x_hat)),
 
 where `g` is the output gradient after the ReLU mask and `x_hat` the normalised input.
-The batch statistics are computed over every axis but the last, so under `jax.jit` with
-the batch sharded they are global-batch statistics, as with flax's.
+A residual block's `relu(bn(x) + shortcut)` is one call (`residual=shortcut`), so the
+mask that both the shortcut's gradient and BatchNorm's need is computed once, in the
+first pass. The batch statistics are computed over every axis but the last, so under
+`jax.jit` with the batch sharded they are global-batch statistics, as with flax's.
 """
 
 from __future__ import annotations
@@ -37,52 +39,69 @@ def _sums(a, b, axes):
     return lax.reduce((a, b), (zero, zero), lambda x, y: (x[0] + y[0], x[1] + y[1]), axes)
 
 
+def _at_least_float32(x):
+    return x.astype(jnp.promote_types(x.dtype, jnp.float32))
+
+
 def _statistics(x):
     axes = tuple(range(x.ndim - 1))
-    x32 = x.astype(jnp.float32)
+    x32 = _at_least_float32(x)
     total, total_of_squares = _sums(x32, x32 * x32, axes)
     count = x.size // x.shape[-1]
     mean, mean_of_squares = total / count, total_of_squares / count
     return x32, mean, jnp.maximum(0.0, mean_of_squares - mean * mean)
 
 
-def _affine(x32, mean, inverse, scale, bias, relu: bool, dtype):
-    y = ((x32 - mean) * (inverse * scale) + bias).astype(dtype)
+def _affine(x32, mean, inverse, scale, bias, dtype):
+    return ((x32 - mean) * (inverse * scale) + bias).astype(dtype)
+
+
+def _epilogue(y, residual, relu: bool):
+    """The residual sum and the ReLU after the normalisation, in the output dtype."""
+    if residual is not None:
+        y = y + residual
     return jnp.maximum(y, 0) if relu else y
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
-def normalize_with_batch_statistics(x, scale, bias, epsilon: float, relu: bool, dtype):
-    """(output, batch mean, batch variance) of BatchNorm in training mode."""
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6))
+def normalize_with_batch_statistics(x, scale, bias, residual, epsilon: float, relu: bool, dtype):
+    """(output, batch mean, batch variance) of BatchNorm in training mode; the output is
+    `relu(normalised + residual)`, without the residual when it is None and without the
+    ReLU unless `relu`."""
     x32, mean, var = _statistics(x)
-    return _affine(x32, mean, lax.rsqrt(var + epsilon), scale, bias, relu, dtype), mean, var
+    y = _affine(x32, mean, lax.rsqrt(var + epsilon), scale, bias, dtype)
+    return _epilogue(y, residual, relu), mean, var
 
 
-def _forward(x, scale, bias, epsilon, relu, dtype):
+def _forward(x, scale, bias, residual, epsilon, relu, dtype):
     x32, mean, var = _statistics(x)
     inverse = lax.rsqrt(var + epsilon)
-    out = _affine(x32, mean, inverse, scale, bias, relu, dtype)
-    return (out, mean, var), (x, mean, inverse, scale, bias)
+    out = _epilogue(_affine(x32, mean, inverse, scale, bias, dtype), residual, relu)
+    return (out, mean, var), (x, mean, inverse, scale, bias, residual)
 
 
 def _backward(epsilon, relu, dtype, residuals, cotangents):
     # The statistics feed only the running averages, which no loss depends on: their
     # cotangents are zero and ignored.
-    x, mean, inverse, scale, bias = residuals
+    x, mean, inverse, scale, bias, residual = residuals
     g = cotangents[0]
     axes = tuple(range(x.ndim - 1))
-    x_hat = (x.astype(jnp.float32) - mean) * inverse
+    x_hat = (_at_least_float32(x) - mean) * inverse
     if relu:
-        # flax's ReLU mask (its input, in the output dtype, above zero), applied in the
-        # output dtype as autodiff does: where the incoming gradient is expensive to
+        # The mask autodiff applies (the ReLU's input, in the output dtype, above zero),
+        # applied in the output dtype: where the incoming gradient is expensive to
         # recompute (a fused attention backward) the compiler keeps the masked gradient
         # for both passes, and in that dtype it is half the size of float32.
-        g = jnp.where((x_hat * scale + bias).astype(dtype) > 0, g, jnp.zeros((), g.dtype))
-    g = g.astype(jnp.float32)
+        x32 = _at_least_float32(x)  # The forward's own expression, so the same mask.
+        pre = _epilogue(_affine(x32, mean, inverse, scale, bias, dtype), residual, relu=False)
+        g = jnp.where(pre > 0, g, jnp.zeros((), g.dtype))
+    d_residual = None if residual is None else g.astype(residual.dtype)
+    g = _at_least_float32(g)
     d_bias, d_scale = _sums(g, g * x_hat, axes)
     count = x.size // x.shape[-1]
     dx = (scale * inverse / count) * (count * g - d_bias - x_hat * d_scale)
-    return dx.astype(x.dtype), d_scale.astype(scale.dtype), d_bias.astype(bias.dtype)
+    return (dx.astype(x.dtype), d_scale.astype(scale.dtype), d_bias.astype(bias.dtype),
+            d_residual)
 
 
 normalize_with_batch_statistics.defvjp(_forward, _backward)
@@ -90,8 +109,8 @@ normalize_with_batch_statistics.defvjp(_forward, _backward)
 
 class BatchNorm(nn.Module):
     """`flax.linen.BatchNorm` over the last axis (same fields, parameters, statistics and
-    forward), with `relu=True` applying the ReLU that follows it, and a two-pass
-    backward in training."""
+    forward) with a two-pass backward in training. `relu=True` applies the ReLU that
+    follows it; `residual=` adds a shortcut first (before the ReLU)."""
 
     use_running_average: Optional[bool] = None
     momentum: float = 0.99
@@ -101,7 +120,7 @@ class BatchNorm(nn.Module):
     relu: bool = False
 
     @nn.compact
-    def __call__(self, x, use_running_average: Optional[bool] = None):
+    def __call__(self, x, use_running_average: Optional[bool] = None, *, residual=None):
         use_running_average = nn.merge_param(
             "use_running_average", self.use_running_average, use_running_average)
         features = (x.shape[-1],)
@@ -114,9 +133,9 @@ class BatchNorm(nn.Module):
         dtype = self.dtype or jnp.result_type(x, scale, bias)
         if use_running_average:
             inverse = lax.rsqrt(running_var.value + self.epsilon)
-            return _affine(x.astype(jnp.float32), running_mean.value, inverse, scale, bias,
-                           self.relu, dtype)
-        out, mean, var = normalize_with_batch_statistics(x, scale, bias, self.epsilon,
+            y = _affine(_at_least_float32(x), running_mean.value, inverse, scale, bias, dtype)
+            return _epilogue(y, residual, self.relu)
+        out, mean, var = normalize_with_batch_statistics(x, scale, bias, residual, self.epsilon,
                                                          self.relu, dtype)
         if not self.is_initializing():
             running_mean.value = self.momentum * running_mean.value + (1 - self.momentum) * mean

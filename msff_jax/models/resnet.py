@@ -53,11 +53,11 @@ class Bottleneck(nn.Module):
         y = self.conv(self.planes, (3, 3), s, padding=torch_padding(3), name="conv2")(y)
         y = self.norm(name="bn2", relu=True)(y)
         y = self.conv(out_features, (1, 1), name="conv3")(y)
-        y = self.norm(name="bn3")(y)
         if self.strides != 1 or x.shape[-1] != out_features:
             x = self.conv(out_features, (1, 1), s, name="downsample_0")(x)
             x = self.norm(name="downsample_1")(x)
-        return nn.relu(y + x)
+        # relu(bn3(y) + x), the shortcut's sum and the ReLU inside BatchNorm's backward.
+        return self.norm(name="bn3", relu=True)(y, residual=x)
 
 
 class ResNet(nn.Module):
