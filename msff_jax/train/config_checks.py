@@ -95,8 +95,8 @@ def _peak_learning_rate(config) -> float:
 
 RULES: tuple[Rule, ...] = (
     _integer("num_classes", 2, 1_000_000, 15, meaning="the classifier's outputs"),
-    _integer("image_size", 1, 4096, 224, meaning="the side of the square crops, in pixels; at "
-             "least the model's total stride (checked with the model)"),
+    _integer("image_size", 1, 4096, 224, meaning="the side of the square crops in pixels, at "
+             "least the model's total stride"),
     _numbers("mean_rgb", 3, 0.0, 255.0, (123.675, 116.28, 103.53),
              requirement="3 numbers from 0 to 255 (R, G, B on the 0..255 scale)",
              meaning="0 is allowed: a channel left uncentred"),
@@ -122,12 +122,15 @@ RULES: tuple[Rule, ...] = (
     _integer("num_epochs", 1, 100_000, 100),
     _integer("num_train_steps", 1, MAX_STEPS, -1, sentinel=-1,
              meaning="-1: config.num_epochs decides the length; a positive number overrides it"),
-    _integer("seed", 0, 2**32 - 1, 0),
+    _integer("seed", 0, 2**32 - 1, 0, meaning="the data order, initialisation and dropout; 0 "
+             "is a seed like any other"),
     _number("optimizer.base_learning_rate", 0.0, 10.0, 0.1, low_open=True,
             meaning="the peak rate per 256 images; above 10 a run diverges at once"),
     _number("optimizer.momentum", 0.0, 1.0, 0.9, high_open=True, meaning="0: plain SGD"),
-    _number("optimizer.b1", 0.0, 1.0, 0.9, high_open=True),
-    _number("optimizer.b2", 0.0, 1.0, 0.999, high_open=True),
+    _number("optimizer.b1", 0.0, 1.0, 0.9, high_open=True,
+            meaning="AdamW's gradient average; 0: none"),
+    _number("optimizer.b2", 0.0, 1.0, 0.999, high_open=True,
+            meaning="AdamW's squared-gradient average; 0: none"),
     _number("optimizer.eps", 0.0, 1.0, 1e-8, low_open=True,
             meaning="keeps AdamW's update finite where the second moment is 0"),
     Rule("optimizer.warmup_epochs",
@@ -296,7 +299,7 @@ def _nearest_multiple(value: int, unit: int) -> int:
     above = below + unit
     if below <= 0 or below == value:
         return above if above != value else above + unit
-    return below if value - below <= above - value else above
+    return below if value - below < above - value else above
 
 
 def check_batch_size(config, data_devices: int, process_count: int = 1) -> None:
