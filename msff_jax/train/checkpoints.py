@@ -17,8 +17,9 @@ yet on disk when the power went). Orbax lists such a step and fails deep inside
 TensorStore when restoring it, so resuming (`restore_latest_intact`) tries the steps
 newest first, moves each damaged one aside to WORKDIR/checkpoints_damaged/ with a warning
 (nothing is ever deleted), and stops with a clear error when none restores; it never
-starts from scratch while checkpoints exist. A save that runs out of disk space raises
-`CheckpointWriteError`; the earlier checkpoints are untouched and a rerun resumes.
+starts from scratch while checkpoints exist. A save that runs out of disk space, or
+finds its folder read-only, raises `CheckpointWriteError`; the earlier checkpoints are
+untouched and a rerun resumes.
 """
 
 from __future__ import annotations
