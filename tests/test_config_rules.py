@@ -258,3 +258,18 @@ def test_config_checks_and_state_do_not_import_each_other():
 
     assert not any("state" in name for name in imports("msff_jax/train/config_checks.py"))
     assert not any("config_checks" in name for name in imports("msff_jax/train/state.py"))
+
+
+def test_a_resume_with_another_batch_size_or_seed_is_refused_before_any_work(tmp_path):
+    """The saved data position means nothing under another global batch or seed (the
+    reader would refuse it deep in the start-up); evaluation reads no position."""
+    config = _study_config()
+    workdir = tmp_path / "run"
+    (workdir / "checkpoints" / "4").mkdir(parents=True)
+    (workdir / "config.json").write_text(config.to_json_best_effort())
+    config_checks.check_resume(config, str(workdir))
+    for field, value in (("batch_size", 64), ("seed", 3)):
+        changed = _study_config(**{field: value})
+        with pytest.raises(console.ConfigError, match=rf"different run: {field} \d+ -> {value}"):
+            config_checks.check_resume(changed, str(workdir))
+        config_checks.check_resume(changed, str(workdir), mode="eval")

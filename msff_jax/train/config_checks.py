@@ -345,6 +345,9 @@ def check_devices(config, *, num_devices: int, process_count: int) -> int:
 # What a checkpoint's shapes and meaning depend on: resuming (or evaluating) with other
 # values would fail inside Orbax or, worse, silently mix two runs.
 RESUME_FIELDS = ("model", "model_overrides", "num_classes", "image_size", "data_dir")
+# And what the saved data position means (the reader refuses a position saved under
+# other values): training only, since evaluation reads no position.
+RESUME_DATA_FIELDS = ("seed", "batch_size")
 
 
 def _same_data(old_dir, new_dir) -> bool:
@@ -387,7 +390,9 @@ def check_resume(config, workdir: str, *, mode: str = "train") -> None:
                         "--workdir.") from err
     current = plain(config)
     differing = []
-    for field in RESUME_FIELDS:
+    for field in RESUME_FIELDS + (RESUME_DATA_FIELDS if mode == "train" else ()):
+        if field in RESUME_DATA_FIELDS and field not in saved:
+            continue
         old, new = saved.get(field), current.get(field)
         if field == "data_dir":
             if not _same_data(old, new):
