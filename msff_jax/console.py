@@ -274,6 +274,8 @@ def describe_exception(err: BaseException) -> tuple[str, int]:
         return text, EXIT_ERROR
     if isinstance(err, OSError):
         described = describe_os_error(err)
+        if described is None and err.errno is None:
+            described = str(err)  # Raised by our code, its message naming the path.
         if described is not None:
             return _one_line(described), EXIT_ERROR
     if isinstance(err, MemoryError):

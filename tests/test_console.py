@@ -293,6 +293,9 @@ def test_os_errors_on_the_users_paths_are_named_as_what_they_are(tmp_path):
         (OSError(errno.ENOSPC, "No space left on device", str(tmp_path / "x")),
          ["the disk is full"]),
     ]
+    # Raised by our own code with a message that names the path: printed as it is.
+    cases.append((FileNotFoundError(f"export directory {tmp_path / 'e'} does not exist"),
+                  [f"export directory {tmp_path / 'e'} does not exist"]))
     for err, fragments in cases:
         message, status = console.describe_exception(err)
         assert status == 1 and "unexpected" not in message and "Errno" not in message, message

@@ -135,6 +135,7 @@ def test_bad_export_dir_is_named(tmp_path, folder, capsys):
     err = capsys.readouterr().err
     assert "export.json is missing" in err and err.startswith("error: ")
     assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
+    assert "unexpected" not in err
 
 
 def test_all_files_skipped_exits_1(exports, folder, capsys):

@@ -306,8 +306,8 @@ def check_batch_size(config, data_devices: int, process_count: int = 1) -> None:
     """The global batch splits evenly over data-parallel devices, processes and
     micro-batches."""
     batch, micro = config.batch_size, config.grad_accum_steps
-    if not (_is_int(micro) and micro >= 1):
-        check_rules(config)  # Names the field and its range.
+    if not (_is_int(micro) and 1 <= micro <= batch):
+        check_rules(config)  # Refuses it, naming the field and its range.
     unit = math.lcm(data_devices * micro, process_count)
     if batch % unit == 0:
         return
