@@ -135,6 +135,31 @@ def test_a_start_on_damaged_data_leaves_a_fresh_workdir_as_it_was(digits_dir, tm
     assert workdir.exists() == exists and (not exists or _listing(workdir) == [])
 
 
+def test_an_unreadable_shard_is_named_with_advice_and_the_workdir_left_as_it_was(
+        digits_dir, tmp_path, monkeypatch):
+    """Permission denied on a shard (simulated: this test may run as root, whom file
+    modes do not stop), met while the start-up hashes it."""
+    import errno
+
+    from data_pipeline.records import manifest as manifest_lib
+
+    data = tmp_path / "data"
+    shutil.copytree(digits_dir, data)
+    shard = next(data.glob("train-*.tfrecord"))
+
+    def unreadable(path):
+        raise PermissionError(errno.EACCES, "Permission denied", str(path))
+
+    monkeypatch.setattr(manifest_lib, "file_sha256", unreadable)
+    workdir = tmp_path / "run"
+    with pytest.raises(PermissionError) as error:
+        train.train_and_evaluate(_tiny_config(data), str(workdir))
+    message, status = console.describe_exception(error.value)
+    assert status == 1 and "unexpected" not in message and "Errno" not in message
+    assert message.startswith(f"{shard}: permission denied") and "ls -ld" in message
+    assert not workdir.exists()
+
+
 def test_weights_of_another_model_are_refused_before_the_data_start_up(digits_dir, tmp_path,
                                                                         monkeypatch):
     from safetensors.numpy import save_file
