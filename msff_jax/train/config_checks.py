@@ -89,17 +89,13 @@ def _mesh_shape_allows(value, config) -> bool:
             and list(value).count(-1) <= 1)
 
 
-def _peak_learning_rate(config) -> float:
-    return optimizers.peak_learning_rate(config)
-
-
 RULES: tuple[Rule, ...] = (
     _integer("num_classes", 2, 1_000_000, 15, meaning="the classifier's outputs"),
     _integer("image_size", 1, 4096, 224, meaning="the side of the square crops in pixels, at "
              "least the model's total stride"),
     _numbers("mean_rgb", 3, 0.0, 255.0, (123.675, 116.28, 103.53),
              requirement="3 numbers from 0 to 255 (R, G, B on the 0..255 scale)",
-             meaning="0 is allowed: a channel left uncentred"),
+             meaning="0 leaves a channel uncentred"),
     _numbers("stddev_rgb", 3, 0.0, 255.0, (58.395, 57.12, 57.375), low_open=True,
              requirement="3 numbers above 0 and at most 255 (R, G, B on the 0..255 scale)",
              meaning="images are divided by them"),
@@ -138,7 +134,7 @@ RULES: tuple[Rule, ...] = (
                                                    else c.num_epochs),
          "a number from 0 to config.num_epochs (to 100,000 with config.num_train_steps set)",
          lambda c: min(5, c.num_epochs), "0: no warm-up"),
-    Rule("optimizer.end_learning_rate", lambda v, c: _is_number(v) and 0 <= v <= _peak_learning_rate(c),
+    Rule("optimizer.end_learning_rate", lambda v, c: _is_number(v) and 0 <= v <= optimizers.peak_learning_rate(c),
          "a number from 0 to the peak rate (optimizer.base_learning_rate * batch_size / 256)",
          lambda c: 0.0, "0: the cosine decays to zero"),
     _number("optimizer.weight_decay", 0.0, 1.0, 5e-5, meaning="0: no weight decay"),
