@@ -12,8 +12,11 @@ a prediction sees exactly what evaluation saw.
 
 Folders are searched recursively and every file in them is tried. A file that cannot be
 used (not an image, truncated, larger than `--max_image_pixels`: a decompression bomb,
-or a file over `--max_file_mb`, an empty file) is named once on stderr with the reason
-and skipped; the others still run, and a final count of skipped files follows. A
+or a file over `--max_file_mb`, an empty file, a FIFO or a device, which is never
+opened) is named once on stderr with the reason and skipped; the others still run, and
+a final count of skipped files follows. Before any image, the export directory is
+checked to be itself (`export.load_export`: SHA-256s, keys, paths, normalisation), and
+with `--explain` the model code and variables are checked to give the artifact's logits. A
 progress bar is drawn on stderr only when it is a terminal.
 
 Exit status: 0 when every file was classified, 2 when some were skipped, 1 when nothing
