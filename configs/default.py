@@ -76,7 +76,7 @@ def get_config(model: str | None = None) -> ml_collections.ConfigDict:
     # ~40k training images: 100 epochs is ~15.6k steps at batch 256; the cosine tail
     # keeps improving until the end at this scale.
     config.num_epochs = 100
-    config.num_train_steps = -1  # > 0 overrides num_epochs.
+    config.num_train_steps = -1  # -1: num_epochs decides; a positive count overrides it.
     config.seed = 0
 
     config.optimizer = ml_collections.ConfigDict()

@@ -11,7 +11,10 @@ follows the same conventions, which live here:
 - `UserError` (and its `ConfigError` / `PathError` kinds) is a mistake the user can fix;
   `guarded(fn)` turns it, and any other exception, into one `error: ...` line on stderr
   and a non-zero exit status, without a traceback unless `--show_traceback` (or
-  MSFF_SHOW_TRACEBACK=1) asks for one.
+  MSFF_SHOW_TRACEBACK=1) asks for one. `ConfigValueError`, a config value no run could
+  use, exits 2 like a bad flag. An OS error on one of the user's paths, damaged data
+  (exceptions marked `user_fixable`) and running out of memory are user errors too:
+  only what is left is called unexpected, a bug to report.
 - `define_common_flags(flag_values)` and `parse_flags(flag_values, argv, program)` give
   programs with their own `flags.FlagValues()` the same `--verbosity`,
   `--show_traceback` and `--help`, and one-line flag errors.
@@ -19,8 +22,10 @@ follows the same conventions, which live here:
 
 from __future__ import annotations
 
+import errno
 import logging as std_logging
 import os
+import stat
 import sys
 import traceback
 from typing import Callable, Iterable, Optional, Sequence
@@ -38,9 +43,18 @@ class UserError(Exception):
     """A mistake the user can fix (a flag, a config field, a path); the message says what
     to change. Printed as one line, never with a traceback."""
 
+    exit_status = EXIT_ERROR
+
 
 class ConfigError(UserError, ValueError):
     """A config field or flag value that cannot work; a ValueError for older callers."""
+
+
+class ConfigValueError(ConfigError):
+    """A config value no run could use, refused by the config rules before any data,
+    weights or compilation: exit status 2, like a flag that does not parse."""
+
+    exit_status = EXIT_USAGE
 
 
 class PathError(UserError, FileNotFoundError):
@@ -174,16 +188,105 @@ def _one_line(text: str) -> str:
     return " ".join(str(text).split())
 
 
+def what_is(path) -> str:
+    """What is at `path`, in words ('a file', 'a folder', 'a FIFO (named pipe)', ...),
+    following links; '' when nothing is there."""
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        return "a symbolic link to nothing" if os.path.islink(path) else ""
+    except OSError:
+        return ""
+    for test, words in ((stat.S_ISDIR, "a folder"), (stat.S_ISREG, "a file"),
+                        (stat.S_ISFIFO, "a FIFO (named pipe)"),
+                        (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
+                        (stat.S_ISSOCK, "a socket")):
+        if test(mode):
+            return words
+    return "not a regular file"
+
+
+def _blocking_file(path: str) -> Optional[str]:
+    """The first part of `path` that exists but is not a folder (for ENOTDIR)."""
+    parts = os.path.abspath(path).split(os.sep)
+    for end in range(2, len(parts)):
+        prefix = os.sep.join(parts[:end])
+        if os.path.exists(prefix) and not os.path.isdir(prefix):
+            return prefix
+    return None
+
+
+_FULL_DISK = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+
+
+def describe_os_error(err: OSError) -> Optional[str]:
+    """One line for an OS error on a path the user chose: the path, what is wrong with it
+    in plain words, and what to do. None when the error names no path."""
+    if err.filename is None:
+        if err.errno in _FULL_DISK:
+            return ("the disk is full (or a quota or file-size limit is reached): "
+                    f"{_one_line(err.strerror or err)}; free some space and rerun")
+        return None
+    path = os.fsdecode(err.filename)
+    other = f" -> {os.fsdecode(err.filename2)}" if err.filename2 is not None else ""
+    code, kind = err.errno, what_is(path)
+    if code == errno.ENOENT:
+        parent = os.path.dirname(os.path.abspath(path))
+        if not os.path.isdir(parent):
+            return f"{path}{other}: no such file or folder (nor its folder {parent}); check the path"
+        return f"{path}{other}: no such file or folder; check the path"
+    if code in (errno.EACCES, errno.EPERM):
+        said = "permission denied" if code == errno.EACCES else "operation not permitted"
+        return (f"{path}{other}: {said}: this user may not use {kind or 'it'} this way (read-only "
+                f"or owned by another user?); check its permissions with `ls -ld {path}`, or "
+                "pass a path this user can read and write")
+    if code == errno.EROFS:
+        return f"{path}{other}: on a read-only file system; pass a path on a writable disk"
+    if code == errno.EEXIST:
+        if kind and kind != "a folder":
+            return (f"{path} is {kind}, where a folder is needed; move it away or pass "
+                    "another path")
+        return f"{path}{other} already exists; move it away or pass another path"
+    if code == errno.ENOTDIR:
+        blocker = _blocking_file(path) or path
+        return (f"{path}: {blocker} is {what_is(blocker) or 'not a folder'}, where a folder is "
+                "needed; move it away or pass another path")
+    if code == errno.EISDIR:
+        return f"{path} is a folder, where a file is needed; name a file"
+    if code in _FULL_DISK:
+        return (f"{path}: the disk is full (or a quota or file-size limit is reached); free "
+                "some space and rerun")
+    if code == errno.EIO:
+        return (f"{path}: input/output error (a failing disk or network file system); check the "
+                "disk, or copy the data elsewhere")
+    return f"{path}{other}: {_one_line(err.strerror or err)}"
+
+
 def describe_exception(err: BaseException) -> tuple[str, int]:
-    """(message, exit status) for an exception that reached the top of a program."""
+    """(message, exit status) for an exception that reached the top of a program.
+    Only our own bugs are called unexpected: a mistake the user can fix (UserError),
+    an OS error on one of the user's paths, running out of memory are described as
+    such."""
     if isinstance(err, UserError):
-        return _one_line(err), EXIT_ERROR
-    if isinstance(err, (FileNotFoundError, NotADirectoryError, IsADirectoryError,
-                        PermissionError, FileExistsError)):
-        # What the OS said, with the path: already actionable.
-        return _one_line(err), EXIT_ERROR
+        return _one_line(err), getattr(err, "exit_status", EXIT_ERROR)
+    if getattr(type(err), "user_fixable", False):
+        # Packages that cannot import this module (the data pipeline, the models) mark
+        # their user errors so: damaged data, weights of another model.
+        text, advice = _one_line(err), getattr(type(err), "advice", "")
+        if advice and advice not in text and "re-run the conversion" not in text:
+            text = f"{text.rstrip('.')}; {advice}"
+        return text, EXIT_ERROR
+    if isinstance(err, OSError):
+        described = describe_os_error(err)
+        if described is None and err.errno is None:
+            described = str(err)  # Raised by our code, its message naming the path.
+        if described is not None:
+            return _one_line(described), EXIT_ERROR
     if isinstance(err, MemoryError):
         return "out of host memory; lower the batch size or the number of workers", EXIT_ERROR
+    if "RESOURCE_EXHAUSTED" in str(err):
+        return ("the accelerator ran out of memory (RESOURCE_EXHAUSTED); use a smaller batch "
+                "size"), EXIT_ERROR
     return (f"{_one_line(f'{type(err).__name__}: {err}')} (unexpected: rerun with "
             "--show_traceback and include its output in a bug report)"), EXIT_ERROR
 

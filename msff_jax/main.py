@@ -8,7 +8,8 @@ are overridden on the command line, e.g. `--config.batch_size=512`.
 Output: a start-up block, one line per log interval, evaluation and checkpoint, and a
 summary; library logging is hidden unless `--verbosity=0` (or higher). A mistake
 (a flag, a config field, a path, a workdir of another run, running out of accelerator
-memory) prints one `error: ...` line and exits 1 (2 for an unusable command line);
+memory) prints one `error: ...` line and exits 1 (2 for a command line or config value
+that no run could use, found before any work);
 `--show_traceback` adds the Python traceback for bug reports.
 
 Several hosts: run the same command on every host with `--coordinator_address`,
@@ -172,18 +173,33 @@ def parse_flags(argv):
 # ------------------------------------------------------------------------- checks
 
 
+# What each mode writes into the workdir: a file in the place of one of these folders,
+# or a workdir it may not write to, is named before any work.
+_WRITTEN_FOLDERS = {"train": ("checkpoints", "tensorboard"), "eval": ("tensorboard",),
+                    "export": ("export",)}
+
+
 def _check_workdir(workdir: str, mode: str) -> None:
     """The workdir exists (or can be made, for training) and is usable."""
     fresh = f"{PROGRAM} --config CONFIG --workdir {workdir} trains one"
     if os.path.exists(workdir) and not os.path.isdir(workdir):
-        raise console.PathError(f"--workdir {workdir} is a file, not a folder; pass a folder.")
+        raise console.PathError(f"--workdir {workdir} is {console.what_is(workdir)}, not a "
+                                "folder; pass a folder.")
+    for name in _WRITTEN_FOLDERS.get(mode, ()):
+        inside = os.path.join(workdir, name)
+        if os.path.lexists(inside) and not os.path.isdir(inside):
+            raise console.PathError(f"{inside} is {console.what_is(inside) or 'not a folder'}, where "
+                                    f"--mode {mode} needs a folder; move it away.")
     if mode == "train":
         parent = workdir
         while parent and not os.path.exists(parent):
             parent = os.path.dirname(parent.rstrip(os.sep)) or "."
+        if not os.path.isdir(parent):
+            raise console.PathError(f"--workdir {workdir}: {parent} is {console.what_is(parent)}, "
+                                    "where a folder is needed; pass another --workdir.")
         if not os.access(parent, os.W_OK | os.X_OK):
-            raise console.PathError(f"--workdir {workdir}: cannot write in {parent} (permission "
-                                    "denied); pass a folder you can write to.")
+            raise console.PathError(f"--workdir {workdir}: cannot write in {parent} (read-only or "
+                                    "permission denied); pass a folder you can write to.")
         return
     if mode in ("eval", "export", "report"):
         if not os.path.isdir(workdir):
@@ -191,6 +207,15 @@ def _check_workdir(workdir: str, mode: str) -> None:
                                     f"trained run ({fresh}).")
         if not os.access(workdir, os.R_OK | os.X_OK):
             raise console.PathError(f"--workdir {workdir} is not readable (permission denied).")
+    if mode in ("eval", "export"):
+        target = os.path.join(workdir, "export") if mode == "export" else workdir
+        target = target if os.path.isdir(target) else workdir
+        if not os.access(target, os.W_OK | os.X_OK):
+            writes = ("export/" if mode == "export"
+                      else "eval_SPLIT_stepN.json, its confusion matrix and tensorboard/")
+            raise console.PathError(
+                f"--mode {mode} writes {writes} in {workdir}, but {target} is read-only (or "
+                "permission denied); make it writable, or copy the workdir somewhere writable.")
     if mode in ("eval", "export"):
         checkpoints = os.path.join(workdir, "checkpoints")
         steps = [n for n in (os.listdir(checkpoints) if os.path.isdir(checkpoints) else [])
@@ -241,10 +266,16 @@ def run_mode(config, workdir: str, mode: str) -> int | None:
 
     from msff_jax.train import config_checks
 
-    config_checks.check_model(config)
+    # The config rules, before any data, weights or compilation (exit status 2).
+    config_checks.check_fields(config, mode=mode)
     from msff_jax.train import distributed
 
     distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
+    if mode in ("train", "eval"):
+        import jax
+
+        config_checks.check_devices(config, num_devices=jax.device_count(),
+                                    process_count=jax.process_count())
     if config.get("demo") and mode in ("train", "eval", "export"):
         from msff_jax.train import demo_data as demo
 

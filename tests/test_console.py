@@ -96,7 +96,7 @@ def test_command_line_mistakes(case, tmp_path, raising_config):
 def test_model_override_the_model_does_not_accept(tmp_path):
     result = _launch("--config", "configs/demo.py", "--workdir", str(tmp_path / "w"),
                      "--config.model=resnet50")
-    _one_error_line(result, 1, "config.model_overrides=", "config.model='resnet50'", "stem_widths")
+    _one_error_line(result, 2, "config.model_overrides=", "config.model='resnet50'", "stem_widths")
     assert not (tmp_path / "w" / "data").exists()  # checked before the demo data is made
 
 
@@ -265,3 +265,68 @@ def test_a_per_model_config_of_older_releases_says_what_replaced_it():
 def test_traceback_asked_reads_the_flag_as_absl_does(argv, asked, monkeypatch):
     monkeypatch.delenv("MSFF_SHOW_TRACEBACK", raising=False)
     assert console.traceback_asked(["--workdir", "w"] + argv) is asked
+
+
+# ---------------------------------------------------------------- what counts as unexpected
+
+
+def test_os_errors_on_the_users_paths_are_named_as_what_they_are(tmp_path):
+    import errno
+
+    a_file = tmp_path / "a_file"
+    a_file.write_text("x")
+    fifo = tmp_path / "pipe"
+    os.mkfifo(fifo)
+    cases = [
+        (PermissionError(errno.EACCES, "Permission denied", str(tmp_path / "shard.tfrecord")),
+         ["shard.tfrecord: permission denied", "ls -ld", "read and write"]),
+        (PermissionError(errno.EPERM, "Operation not permitted", str(tmp_path)),
+         [f"{tmp_path}: operation not permitted", "a folder"]),
+        (OSError(errno.EROFS, "Read-only file system", str(tmp_path / "w")),
+         ["read-only file system", "writable disk"]),
+        (FileExistsError(errno.EEXIST, "File exists", str(a_file)),
+         [f"{a_file} is a file, where a folder is needed"]),
+        (NotADirectoryError(errno.ENOTDIR, "Not a directory", str(a_file / "sub" / "x")),
+         [f"{a_file} is a file, where a folder is needed"]),
+        (IsADirectoryError(errno.EISDIR, "Is a directory", str(tmp_path)),
+         [f"{tmp_path} is a folder, where a file is needed"]),
+        (FileExistsError(errno.EEXIST, "File exists", str(fifo)),
+         ["is a FIFO (named pipe), where a folder is needed"]),
+        (OSError(errno.ENOSPC, "No space left on device", str(tmp_path / "x")),
+         ["the disk is full"]),
+    ]
+    # Raised by our own code with a message that names the path: printed as it is.
+    cases.append((FileNotFoundError(f"export directory {tmp_path / 'e'} does not exist"),
+                  [f"export directory {tmp_path / 'e'} does not exist"]))
+    for err, fragments in cases:
+        message, status = console.describe_exception(err)
+        assert status == 1 and "unexpected" not in message and "Errno" not in message, message
+        for fragment in fragments:
+            assert fragment in message, (fragment, message)
+
+
+def test_user_errors_of_other_packages_are_not_called_unexpected():
+    """Damaged data, weights of another model, divergence, a config no run could use:
+    the user's to fix, one line each; only our own bugs are 'unexpected'."""
+    from data_pipeline.records import manifest, tfrecord_format
+    from msff_jax.models.torch_weights import WeightConversionError
+    from msff_jax.train.checkpoints import CheckpointWriteError, DamagedCheckpointError
+    from msff_jax.train.loop import NonFiniteLossError
+
+    damaged = tfrecord_format.TFRecordCorruptionError("/d/train-0.tfrecord: record 2 at byte 9: "
+                                                      "data checksum mismatch")
+    message, status = console.describe_exception(damaged)
+    assert status == 1 and "unexpected" not in message
+    assert message.startswith("/d/train-0.tfrecord: record 2") and "re-run the conversion" in message
+    for err in (manifest.MissingShardError("2 shards are missing"),
+                manifest.ShardChecksumError("x: SHA-256 differs", "x"),
+                WeightConversionError("w.safetensors: state dict does not fit resnet50"),
+                DamagedCheckpointError("c/4: the checkpoint is damaged"),
+                CheckpointWriteError("saving step 4 failed: the disk is full"),
+                NonFiniteLossError("non-finite loss at step 3")):
+        message, status = console.describe_exception(err)
+        assert status == 1 and "unexpected" not in message, message
+    message, status = console.describe_exception(console.ConfigValueError("config.x=0 must be 1"))
+    assert status == console.EXIT_USAGE and message == "config.x=0 must be 1"
+    message, _ = console.describe_exception(KeyError("x"))
+    assert "unexpected" in message  # Our own bug.

@@ -224,3 +224,32 @@ def test_tfds_builder_builds_the_same_selection(dataset, tmp_path):
         theirs = {(ex["filename"].decode(), int(ex["label"]))
                   for ex in tfds.as_numpy(builder.as_dataset(split=tfds_split))}
         assert theirs == ours and ours
+
+
+def test_an_output_dir_that_is_a_file_is_named_as_one(dataset, tmp_path, capsys):
+    from data_pipeline.conversion import digits as digits_converter
+
+    a_file = tmp_path / "a_file"
+    a_file.write_text("x")
+    for program, argv in ((deepfashion, ["--deepfashion_dir", str(dataset), "--categories",
+                                         "Jeans,Leggings", "--max_images", "10", "--split",
+                                         "official", "--num_workers", "1"]),
+                          (digits_converter, [])):
+        assert program.main(argv + ["--output_dir", str(a_file)]) == 1
+        err = capsys.readouterr().err
+        assert err == f"error: {a_file} is a file, where a folder is needed; move it away or pass another path\n"
+    assert a_file.read_text() == "x"
+
+
+def test_a_list_file_that_starts_with_a_byte_order_mark_converts(dataset, tmp_path):
+    """Some editors save UTF-8 with a BOM; it is not part of line 1's entry count."""
+    copy = shutil.copytree(dataset, tmp_path / "bom")
+    for name in ("Anno/list_category_img.txt", "Anno/list_category_cloth.txt",
+                 "Eval/list_eval_partition.txt"):
+        path = copy / name
+        path.write_bytes(b"\xef\xbb\xbf" + path.read_bytes())
+    converted = _convert(copy, tmp_path / "out", categories=["Jeans", "Leggings"], max_images=10,
+                         split="official")
+    plain = _convert(dataset, tmp_path / "plain", categories=["Jeans", "Leggings"], max_images=10,
+                     split="official")
+    assert converted["splits"] == plain["splits"]

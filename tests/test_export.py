@@ -77,7 +77,7 @@ def test_metadata_and_variables(exported):
     assert metadata["preprocessing"]["image_size"] == IMAGE_SIZE
     assert metadata["preprocessing"]["mean_rgb"] == list(MEAN_RGB)
     assert metadata["preprocessing"]["input_dtype"] == "uint8"
-    assert metadata["format_version"] == export.FORMAT_VERSION == 2
+    assert metadata["format_version"] == export.FORMAT_VERSION == 3
     # The transform itself, from the module that runs it (its wording is tested there).
     assert {k: v for k, v in metadata["preprocessing"].items()
             if k not in ("mean_rgb", "stddev_rgb", "input_dtype", "layout", "channel_order",
@@ -168,11 +168,25 @@ def test_preprocessing_that_predict_cannot_reproduce_is_refused(exported, tmp_pa
         export.load_metadata(copy)
 
 
-def test_export_of_the_old_format_asks_for_a_new_export(exported, tmp_path):
-    """A format 1 export.json (its preprocessing block as that version wrote it)."""
+def _format_2(metadata: dict) -> dict:
+    """export.json as format 2 wrote it: no SHA-256s, no record of the normalisation."""
+    metadata = json.loads(json.dumps(metadata))
+    metadata["format_version"] = 2
+    del metadata["artifact"]["sha256"], metadata["artifact"]["normalization"]
+    del metadata["variables"]["sha256"]
+    return metadata
+
+
+def test_export_of_an_older_format_asks_for_a_new_export(exported, tmp_path):
+    """A format 1 export.json (its preprocessing block as that version wrote it), and one
+    of format 2, which recorded no SHA-256: both are refused with what to run."""
     copy = shutil.copytree(exported[0], tmp_path / "export")
     path = copy / export.METADATA_FILE
     metadata = json.loads(path.read_text())
+    path.write_text(json.dumps(_format_2(metadata)))
+    with pytest.raises(export.ExportError,
+                       match="export.json: format_version 2 is not the supported 3; run launch.py --mode export"):
+        export.load_export(copy)
     metadata["format_version"] = 1
     metadata["preprocessing"] = {
         key: metadata["preprocessing"][key]
@@ -180,9 +194,9 @@ def test_export_of_the_old_format_asks_for_a_new_export(exported, tmp_path):
                     "layout", "channel_order")}
     path.write_text(json.dumps(metadata))
     with pytest.raises(export.ExportError,
-                       match="export.json: format_version 1 is not the supported 2; run launch.py --mode export"):
+                       match="export.json: format_version 1 is not the supported 3; run launch.py --mode export"):
         export.load_metadata(copy)
-    metadata["format_version"] = 2
+    metadata["format_version"] = 3
     path.write_text(json.dumps(metadata))
     with pytest.raises(export.ExportError,
                        match=r"missing keys \['preprocessing.version', 'preprocessing.resize_short'\]"):
@@ -222,3 +236,102 @@ def test_a_broken_export_is_a_user_error_not_an_unexpected_one(exported, tmp_pat
         export.load_export(broken)
     message, _ = describe_exception(error.value)
     assert message.startswith(str(broken / export.METADATA_FILE)) and "unexpected" not in message
+
+
+# ------------------------------------------------------------------ an export proves itself
+
+
+def test_export_json_records_what_proves_the_files(exported):
+    out_dir, _, variables = exported
+    metadata = json.loads((out_dir / export.METADATA_FILE).read_text())
+    import hashlib
+
+    artifact = (out_dir / export.ARTIFACT_FILE).read_bytes()
+    assert metadata["artifact"]["sha256"] == hashlib.sha256(artifact).hexdigest()
+    assert metadata["variables"]["sha256"] == export.variables_sha256(variables)
+    assert metadata["artifact"]["normalization"] == {"mean_rgb": list(MEAN_RGB),
+                                                     "stddev_rgb": list(STDDEV_RGB)}
+    assert (metadata["model"], metadata["step"], metadata["num_classes"]) == ("msff_ecomnet", 3, 4)
+    # The variables Orbax restores hash the same as those written.
+    _, restored = export.load_model_and_variables(out_dir)
+    assert export.variables_sha256(restored) == metadata["variables"]["sha256"]
+
+
+def test_a_damaged_artifact_is_named(exported, tmp_path):
+    copy = shutil.copytree(exported[0], tmp_path / "export")
+    data = bytearray((copy / export.ARTIFACT_FILE).read_bytes())
+    data[len(data) // 2] ^= 0x01
+    (copy / export.ARTIFACT_FILE).write_bytes(bytes(data))
+    with pytest.raises(export.ExportError,
+                       match=rf"{export.ARTIFACT_FILE} is not the artifact .*export.json was written "
+                             r"with: its SHA-256 .*\(of msff_ecomnet, step 3, 4 classes\)"):
+        export.load_export(copy)
+
+
+def test_other_variables_are_named(exported, tmp_path):
+    copy = shutil.copytree(exported[0], tmp_path / "export")
+    _, variables = export.load_model_and_variables(copy)
+    changed = jax.tree.map(lambda leaf: np.asarray(leaf) * 1.01, variables)
+    shutil.rmtree(copy / export.VARIABLES_DIR)
+    export.save_variables(copy / export.VARIABLES_DIR, changed)
+    export.load_export(copy)  # The artifact itself is intact.
+    with pytest.raises(export.ExportError, match=rf"{export.VARIABLES_DIR} holds other variables "
+                                                 r"than .*export.json records"):
+        export.load_model_and_variables(copy)
+
+
+@pytest.mark.parametrize("key, value", [
+    ("file", "/etc/passwd"), ("file", "../../../../etc/passwd"), ("file", "sub/../../x"),
+])
+def test_paths_in_export_json_stay_inside_the_export(exported, tmp_path, key, value):
+    copy = shutil.copytree(exported[0], tmp_path / "export")
+    (tmp_path / "x").write_bytes((copy / export.ARTIFACT_FILE).read_bytes())  # Readable outside.
+    path = copy / export.METADATA_FILE
+    metadata = json.loads(path.read_text())
+    metadata["artifact"][key] = value
+    path.write_text(json.dumps(metadata))
+    with pytest.raises(export.ExportError, match=rf"artifact.file '{value}' points outside the "
+                                                 "export directory"):
+        export.load_export(copy)
+    metadata["artifact"]["file"] = export.ARTIFACT_FILE
+    metadata["variables"]["dir"] = str(tmp_path)
+    path.write_text(json.dumps(metadata))
+    with pytest.raises(export.ExportError, match="variables.dir .* points outside"):
+        export.load_model_and_variables(copy)
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda m: m.update(class_names=[1, 2, 3, 4]), r"class_names must be a list of strings, got \[1, 2"),
+    (lambda m: m.update(num_classes="4"), r"num_classes must be a positive integer, got \"4\""),
+    (lambda m: m.update(dtype="float8"), r"dtype must be one of"),
+    (lambda m: m["artifact"].update(sha256="abc"), r"artifact.sha256 must be 64 hexadecimal digits"),
+    (lambda m: m["artifact"].pop("normalization"), r"artifact.normalization is missing; run launch.py"),
+    (lambda m: m.update(variables=["variables"]), r"variables must be an object"),
+], ids=["class_names", "num_classes", "dtype", "sha256", "normalization", "variables"])
+def test_a_bad_key_is_named(exported, tmp_path, change, message):
+    copy = shutil.copytree(exported[0], tmp_path / "export")
+    path = copy / export.METADATA_FILE
+    metadata = json.loads(path.read_text())
+    change(metadata)
+    path.write_text(json.dumps(metadata))
+    with pytest.raises(export.ExportError, match=message):
+        export.load_metadata(copy)
+
+
+def test_export_json_that_is_not_an_object(exported, tmp_path):
+    copy = shutil.copytree(exported[0], tmp_path / "export")
+    (copy / export.METADATA_FILE).write_text(json.dumps([1, 2]))
+    with pytest.raises(export.ExportError, match="must hold a JSON object .* got a list"):
+        export.load_metadata(copy)
+
+
+@pytest.mark.parametrize("key", ["mean_rgb", "stddev_rgb"])
+def test_normalisation_that_disagrees_with_the_artifact_is_refused(exported, tmp_path, key):
+    """The artifact normalises its uint8 input itself: an edited mean or standard
+    deviation would change nothing but make export.json contradict it."""
+    copy = shutil.copytree(exported[0], tmp_path / "export")
+    _edit_preprocessing(copy, **{key: [100.0, 100.0, 100.0]})
+    with pytest.raises(export.ExportError,
+                       match=rf"preprocessing.{key} \[100.0, 100.0, 100.0\] disagrees with "
+                             rf"artifact.normalization.{key}"):
+        export.load_export(copy)

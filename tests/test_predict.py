@@ -4,7 +4,9 @@
 import io
 import json
 import struct
+import types
 import zlib
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -133,6 +135,7 @@ def test_bad_export_dir_is_named(tmp_path, folder, capsys):
     err = capsys.readouterr().err
     assert "export.json is missing" in err and err.startswith("error: ")
     assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
+    assert "unexpected" not in err
 
 
 def test_all_files_skipped_exits_1(exports, folder, capsys):
@@ -225,3 +228,109 @@ def test_pixel_limit_refuses_from_the_header(monkeypatch):
         predict.check_header(buffer.getvalue())
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 2000)
     assert predict.check_header(buffer.getvalue()) == (40, 40)
+
+
+# ------------------------------------------------------------------ files that are not themselves
+
+
+def _copy_export(exports, name, tmp_path):
+    import shutil
+
+    return Path(shutil.copytree(exports[name][0], tmp_path / f"{name}_copy"))
+
+
+def test_an_artifact_of_another_model_is_refused_naming_the_file(exports, folder, tmp_path, capsys):
+    """inference.jaxexport swapped for resnet50's (same classes, same image size): predict
+    used to answer with the other model's probabilities, without a word."""
+    copy = _copy_export(exports, "msff_ecomnet", tmp_path)
+    (copy / "inference.jaxexport").write_bytes(
+        (exports["resnet50"][0] / "inference.jaxexport").read_bytes())
+    status = predict.main(["--export_dir", str(copy), str(folder / "wide.jpg")])
+    out, err = capsys.readouterr()
+    assert status == 1 and out == ""
+    assert err.startswith(f"error: {copy / 'inference.jaxexport'} is not the artifact")
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
+
+
+def test_explain_refuses_variables_of_another_model(exports, folder, tmp_path, capsys):
+    """variables/ replaced by other weights of the same model: --explain would draw maps
+    of other weights than those behind the artifact's answers."""
+    import shutil
+
+    copy = _copy_export(exports, "msff_ecomnet", tmp_path)
+    variables = exports["msff_ecomnet"][2]
+    shutil.rmtree(copy / "variables")
+    from msff_jax.inference import export
+
+    export.save_variables(copy / "variables",
+                          jax.tree.map(lambda leaf: np.asarray(leaf) + 0.5, variables))
+    out_dir = tmp_path / "explained"
+    status = predict.main(["--export_dir", str(copy), "--explain", str(out_dir),
+                           str(folder / "wide.jpg")])
+    out, err = capsys.readouterr()
+    assert status == 1 and out == "" and not out_dir.exists()
+    assert err.startswith(f"error: {copy / 'variables'} holds other variables than")
+
+
+def test_explain_proves_the_artifact_and_variables_are_one_model(exports, folder, tmp_path, capsys):
+    """An export.json edited consistently (the mean in both places) passes the file checks,
+    but the model with the edited normalisation no longer gives the artifact's logits."""
+    copy = _copy_export(exports, "msff_ecomnet", tmp_path)
+    path = copy / "export.json"
+    metadata = json.loads(path.read_text())
+    metadata["preprocessing"]["mean_rgb"] = [0.0, 0.0, 0.0]
+    metadata["artifact"]["normalization"]["mean_rgb"] = [0.0, 0.0, 0.0]
+    path.write_text(json.dumps(metadata))
+    assert predict.main(["--export_dir", str(copy), str(folder / "wide.jpg")]) == 0
+    capsys.readouterr()
+    out_dir = tmp_path / "explained"
+    status = predict.main(["--export_dir", str(copy), "--explain", str(out_dir),
+                           str(folder / "wide.jpg")])
+    out, err = capsys.readouterr()
+    assert status == 1 and out == "" and list(out_dir.iterdir()) == []
+    assert "give different logits for the same images" in err and "inference.jaxexport" in err
+
+
+def test_check_same_model_tolerates_rounding_only():
+    exported = types.SimpleNamespace(directory=Path("/e"), metadata={
+        "dtype": "float32", "artifact": {"file": "inference.jaxexport"},
+        "variables": {"dir": "variables"}})
+    logits = np.array([[3.0, -1.0, 0.5]], np.float32)
+    predict.check_same_model(exported, logits, logits + 1e-5)
+    with pytest.raises(ValueError, match="give different logits"):
+        predict.check_same_model(exported, logits, logits[:, ::-1])
+
+
+def test_a_fifo_a_device_and_a_dangling_link_are_named_as_what_they_are(exports, folder, tmp_path,
+                                                                        capsys):
+    import os
+
+    export_dir = exports["msff_ecomnet"][0]
+    fifo = tmp_path / "pipe.jpg"
+    os.mkfifo(fifo)
+    zero = tmp_path / "zero.jpg"
+    zero.symlink_to("/dev/zero")
+    dangling = tmp_path / "gone.jpg"
+    dangling.symlink_to(tmp_path / "nowhere")
+    for path, words in ((fifo, "is a FIFO (named pipe)"), (zero, "is a character device"),
+                        (dangling, "is a symbolic link to nothing")):
+        assert predict.main(["--export_dir", str(export_dir), str(path)]) == 1
+        err = capsys.readouterr().err
+        assert err.startswith(f"error: {path} {words}, not an image file"), err
+    # Inside a folder: skipped with the reason, never opened (a FIFO would block).
+    mixed = tmp_path / "mixed"
+    mixed.mkdir()
+    (mixed / "wide.jpg").write_bytes((folder / "wide.jpg").read_bytes())
+    os.mkfifo(mixed / "pipe.jpg")
+    assert predict.main(["--export_dir", str(export_dir), str(mixed)]) == 2
+    err = capsys.readouterr().err
+    assert "skipped" in err and "pipe.jpg: a FIFO (named pipe), not a regular file" in err
+
+
+def test_explain_into_a_file_is_named(exports, folder, tmp_path, capsys):
+    a_file = tmp_path / "a_file"
+    a_file.write_text("x")
+    status = predict.main(["--export_dir", str(exports["resnet50"][0]), "--explain", str(a_file),
+                           str(folder / "tall.png")])
+    err = capsys.readouterr().err
+    assert status == 1 and err.startswith(f"error: {a_file} is a file, where a folder is needed")

@@ -2,6 +2,9 @@
 in the runs), its flags, and the parameter-matched ablations' counts."""
 
 import json
+import os
+import signal
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -162,3 +165,84 @@ def test_matched_ablations_within_two_percent_of_the_full_model():
     assert params("msff_ecomnet") == 11_784_491
     with pytest.raises(ValueError, match="parameter-matched"):
         study_config.get_config("resnet50@matched")
+
+
+# ------------------------------------------------------------------ attempts the study died in
+
+_CHATTY_RUN = "import time\nfor i in range(600):\n    print('step', i, flush=True)\n    time.sleep(0.1)\n"
+
+_STUDY_OF_ONE = """
+import sys
+from pathlib import Path
+from msff_jax.analysis import study
+spec = study.RunSpec("msff_base", 0, Path(sys.argv[1]))
+study.run_one(spec, [sys.executable, "-c", sys.argv[2]], (), study.Devices(kind="cpu (test)"))
+"""
+
+
+def test_an_attempt_killed_with_the_study_is_recorded_and_counted(tmp_path):
+    """SIGKILL to the study (and its training process) while a run trains: the attempt
+    was written when it started, the report counts its time, and the next study run
+    closes it before its own attempt."""
+    from msff_jax.analysis import report
+
+    workdir = tmp_path / "msff_base" / "seed0"
+    process = subprocess.Popen([sys.executable, "-c", _STUDY_OF_ONE, str(workdir), _CHATTY_RUN],
+                               start_new_session=True, stdout=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline:
+            log = workdir / study.LOG_FILE
+            if log.exists() and log.read_text().count("step ") >= 15:
+                break
+            time.sleep(0.1)
+        else:
+            raise AssertionError("the stand-in training never started")
+    finally:
+        os.killpg(process.pid, signal.SIGKILL)  # The study and its training, as a lost machine.
+        process.wait(timeout=60)
+    record = json.loads((workdir / study.RUN_RECORD).read_text())
+    (attempt,) = record["attempts"]
+    assert attempt["status"] == "running" and attempt["ended_unix"] is None
+
+    read = report.collect_records(tmp_path)
+    ((run_dir, settled),) = read
+    assert run_dir == workdir and settled["attempts"][0]["estimated"]
+    assert settled["wall_time_s"] >= 1.0 and settled["device_hours"] > 0
+    assert settled["status"].startswith("no end recorded")
+    table = "\n".join(report.cost_table(tmp_path, read, {}))
+    assert "`msff_base/seed0`" in table and "no end recorded" in table and "*" in table
+
+    finish = f"open({str(workdir / 'eval_results.json')!r}, 'w').write('{{}}')"
+    status = study.run_one(study.RunSpec("msff_base", 0, workdir), [sys.executable, "-c", finish],
+                           (), study.Devices(kind="cpu (test)"))
+    assert status == "trained"
+    record = json.loads((workdir / study.RUN_RECORD).read_text())
+    killed, second = record["attempts"]
+    assert killed["status"] == "interrupted (the study stopped during it)" and killed["estimated"]
+    assert killed["wall_time_s"] >= 1.0 and second["status"] == "trained"
+    assert record["wall_time_s"] == pytest.approx(killed["wall_time_s"] + second["wall_time_s"])
+
+
+def test_a_run_that_finished_as_the_study_died_is_in_the_cost_table(tmp_path):
+    from msff_jax.analysis import report, run_record
+
+    workdir = tmp_path / "resnet50" / "seed1"
+    workdir.mkdir(parents=True)
+    started = time.time() - 90
+    run_record.begin_attempt(workdir, variant="resnet50", model="resnet50", seed=1, devices=["0"],
+                             device_kind="GPU", started=started)
+    (workdir / study.LOG_FILE).write_text("step 1\n")
+    os.utime(workdir / study.LOG_FILE, (started + 60, started + 60))
+    (workdir / "eval_results.json").write_text("{}")
+    os.utime(workdir / "eval_results.json", (started + 80, started + 80))
+    table = "\n".join(report.cost_table(tmp_path, report.collect_records(tmp_path), {}))
+    row = next(line for line in table.splitlines() if "resnet50/seed1" in line)
+    assert "trained (the study stopped before recording it)" in row and "0:01:20*" in row
+    assert "not recorded" not in table
+    # The next study run skips the finished run and writes the reading into the record.
+    assert study.run_one(study.RunSpec("resnet50", 1, workdir), ["false"], ("0",),
+                         study.Devices(kind="GPU", ids=("0",))) == "skipped (finished)"
+    record = json.loads((workdir / study.RUN_RECORD).read_text())
+    assert record["status"] == "trained (the study stopped before recording it)"
+    assert record["wall_time_s"] == pytest.approx(80, abs=1) and record["attempts"][0]["ended_unix"]

@@ -75,7 +75,8 @@ class DeepFashionAnnotations:
 def _rows(path: pathlib.Path, display: str, num_columns: int) -> list[tuple[int, list[str]]]:
     """`(line_number, fields)` of every data row, after checking the count and widths."""
     try:
-        text = path.read_text(encoding="utf-8")
+        # utf-8-sig: a byte-order mark some editors put at the start is not line 1's count.
+        text = path.read_text(encoding="utf-8-sig")
     except FileNotFoundError:
         raise AnnotationError(f"{display}: file not found ({path})") from None
     except UnicodeDecodeError as err:

@@ -12,17 +12,25 @@ import hashlib
 import json
 import os
 
+from data_pipeline.records.tfrecord_format import DATA_ADVICE
+
 MANIFEST_NAME = "manifest.json"
 SUPPORTED_FORMAT_VERSIONS = (1,)
 _CHUNK = 1 << 20
 
 
+
+
 class ManifestError(ValueError):
     """`manifest.json` is missing a field, holds a wrong type, or names an unknown split."""
+
+    user_fixable, advice = True, DATA_ADVICE
 
 
 class ShardChecksumError(ValueError):
     """A shard's SHA-256 differs from the one recorded in the manifest; `path` is the shard."""
+
+    user_fixable, advice = True, DATA_ADVICE
 
     def __init__(self, message: str, path: str = ""):
         super().__init__(message)
@@ -34,6 +42,8 @@ class ShardChecksumError(ValueError):
 
 class MissingShardError(FileNotFoundError):
     """Shard files the manifest lists are not on disk."""
+
+    user_fixable, advice = True, DATA_ADVICE
 
 
 def _require(mapping, key: str, kind: type, where: str, path: str):

@@ -57,6 +57,8 @@ __all__ = [
 class RecordDecodeError(ValueError):
     """A record whose CRC holds but whose Example or image cannot be decoded."""
 
+    user_fixable, advice = True, manifest_lib.DATA_ADVICE
+
 
 @dataclasses.dataclass(frozen=True)
 class SplitInfo:

@@ -27,8 +27,15 @@ FOOTER_SIZE = _FOOTER.size  # 4
 _MASK_DELTA = 0xA282EAD8
 
 
+# Data errors are the user's to fix: `user_fixable` tells the top of a program
+# (`msff_jax.console`) to print one line, with this advice where the message has none.
+DATA_ADVICE = "restore the data from a copy, or re-run the conversion into that folder"
+
+
 class TFRecordCorruptionError(ValueError):
     """A TFRecord file whose framing or checksums do not hold."""
+
+    user_fixable, advice = True, DATA_ADVICE
 
 
 def masked_crc32c(data: bytes) -> int:

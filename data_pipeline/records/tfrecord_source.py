@@ -33,6 +33,8 @@ from data_pipeline.records.tfrecord_format import FOOTER_SIZE, HEADER_SIZE, TFRe
 class RecordCountMismatchError(ValueError):
     """A shard holds a different number of records than its manifest entry says."""
 
+    user_fixable, advice = True, tfrecord_format.DATA_ADVICE
+
 
 class ShardChangedError(TFRecordCorruptionError):
     """A shard is no longer the file that was indexed (and verified) at start-up."""

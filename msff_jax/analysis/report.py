@@ -40,6 +40,7 @@ from typing import Any, Optional, Sequence
 import numpy as np
 
 from msff_jax.analysis import paper_tables
+from msff_jax.analysis import run_record
 from msff_jax.analysis import statistics
 
 REPORT_FILE = "report.md"
@@ -47,9 +48,9 @@ STATISTICS_FILE = "report_statistics.json"
 PARAMS_PLOT = "accuracy_vs_params.png"
 THROUGHPUT_PLOT = "accuracy_vs_throughput.png"
 # Written by the final evaluation (msff_jax.train.evaluation.PREDICTIONS_FILE) and by
-# the study driver (msff_jax.analysis.study.RUN_RECORD).
+# the study driver (msff_jax.analysis.run_record).
 PREDICTIONS_FILE = "test_predictions.npz"
-RUN_RECORD = "study_run.json"
+RUN_RECORD = run_record.RUN_RECORD
 # `python launch.py --config configs/benchmark.py --workdir RUNS_DIR/benchmark --mode
 # benchmark` writes this file (msff_jax.analysis.benchmark.run.CSV_NAME).
 DEFAULT_BENCHMARK_CSV = Path("benchmark") / "benchmark.csv"
@@ -106,13 +107,9 @@ def _read_json(path: Path) -> Any:
 
 
 def _read_record(run_dir: Path) -> dict:
-    path = run_dir / RUN_RECORD
-    if not path.exists():
-        return {}
-    record = _read_json(path)
-    if not isinstance(record, dict):
-        raise ValueError(f"{path}: expected a JSON object, got {type(record).__name__}")
-    return record
+    """study_run.json with any attempt whose end was never recorded (the study was
+    killed) read from the run's files, so its time counts (`run_record.settled`)."""
+    return run_record.settled(run_record.read(run_dir), run_dir)
 
 
 def load_run(run_dir: Path) -> RunResult:
@@ -546,8 +543,10 @@ def cost_table(runs_dir: Path, records: list[tuple[Path, dict]],
     recorded = set()
     for run_dir, record in records:
         recorded.add(run_dir.resolve())
+        estimated = "*" if any(a.get("estimated") for a in record.get("attempts", [])) else ""
         rows.append([f"`{run_dir.relative_to(runs_dir)}`", str(record.get("seed", "")),
-                     str(record.get("status", "")), _duration(record.get("wall_time_s", 0.0)),
+                     str(record.get("status", "")),
+                     _duration(record.get("wall_time_s", 0.0)) + estimated,
                      str(record.get("device_kind", "")), str(record.get("device_count", "")),
                      f"{record.get('device_hours', 0.0):.3f}"])
         total_hours += float(record.get("device_hours", 0.0))
@@ -747,8 +746,9 @@ def build_report(runs_dir: Path, runs: dict[str, list[RunResult]], params: dict[
               "testing several claims.", ""]
     lines += claims_table(stats) + [""]
     lines += ["## Time and cost", "",
-              "Per run, from its `study_run.json` (all attempts of a resumed run summed); "
-              "device-hours = wall time x devices.", ""]
+              "Per run, from its `study_run.json` (all attempts of a resumed run summed, an "
+              "attempt killed with the study included: its time is read from its files, "
+              "marked *); device-hours = wall time x devices.", ""]
     lines += cost_table(runs_dir, list(records), runs) + [""]
     lines += ["## Runs", ""] + runs_table(runs, params, stats) + [""]
     lines += ["## Plots", "", f"![accuracy against parameters]({PARAMS_PLOT})", ""]

@@ -23,8 +23,9 @@ only compete for the same cores).
 narrowed to the full model's parameter count (configs/study.py), beside the literal ones.
 
 Each workdir gets `study_run.json` (variant, seed, status, wall time, device kind and
-count, device-hours, one entry per attempt); the run itself writes eval_results.json and
-test_predictions.npz. Finally `RUNS_DIR/report.md` is written by
+count, device-hours, one entry per attempt, written when the attempt starts and completed
+when it ends, so an attempt killed with the study still counts: `run_record`); the run
+itself writes eval_results.json and test_predictions.npz. Finally `RUNS_DIR/report.md` is written by
 `msff_jax.analysis.report`, from those files only (`python launch.py --mode report
 --workdir RUNS_DIR` writes it again without a GPU).
 
@@ -53,11 +54,12 @@ from absl import flags
 
 from msff_jax import console
 from msff_jax.analysis import paper_tables
+from msff_jax.analysis import run_record
 from msff_jax.console import ConfigError
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
-LOG_FILE = "launch.log"
-RUN_RECORD = "study_run.json"
+LOG_FILE = run_record.LOG_FILE
+RUN_RECORD = run_record.RUN_RECORD
 MATCHED = "@matched"
 MATCHED_MODELS = ("msff_base", "msff_iasm")
 _LOG_TAIL_LINES = 25
@@ -252,40 +254,13 @@ def _tail(path: Path, lines: int = _LOG_TAIL_LINES) -> str:
     return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
 
 
-def _read_record(workdir: Path) -> dict:
-    path = workdir / RUN_RECORD
-    if not path.exists():
-        return {}
-    try:
-        record = json.loads(path.read_text())
-    except json.JSONDecodeError as err:
-        _say(f"{path}: not valid JSON ({err}); starting a new record")
-        return {}
-    return record if isinstance(record, dict) else {}
-
-
-def write_run_record(spec: RunSpec, attempt: dict, status: str) -> dict:
-    """Adds one attempt to WORKDIR/study_run.json; the totals sum every attempt (a
-    resumed run's earlier attempts cost time too)."""
-    record = _read_record(spec.workdir)
-    attempts = list(record.get("attempts", [])) + [attempt]
-    wall = sum(a["wall_time_s"] for a in attempts)
-    device_hours = sum(a["wall_time_s"] / 3600 * a["device_count"] for a in attempts)
-    record = {"variant": spec.variant, "model": spec.model, "seed": spec.seed, "status": status,
-              "wall_time_s": wall, "device_kind": attempt["device_kind"],
-              "device_count": attempt["device_count"], "device_hours": device_hours,
-              "attempts": attempts}
-    path = spec.workdir / RUN_RECORD
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(record, indent=2))
-    os.replace(tmp, path)
-    return record
-
-
 def run_one(spec: RunSpec, command: Sequence[str], group: tuple[str, ...],
             devices: Devices) -> str:
     """Trains and evaluates one run unless finished, on the devices of `group`; returns
     its status and records its cost."""
+    # An attempt the study was killed in (its end never recorded) is closed first, its
+    # time read from the run's files: the cost table keeps it.
+    run_record.close_open_attempts(spec.workdir)
     if (spec.workdir / "eval_results.json").exists():
         _say(f"{spec.name}: finished earlier, skipped")
         return "skipped (finished)"
@@ -297,6 +272,9 @@ def run_one(spec: RunSpec, command: Sequence[str], group: tuple[str, ...],
         where = f"GPUs {','.join(group)}"
     _say(f"{spec.name} on {where}: {' '.join(command[1:])}")
     started = time.time()
+    attempt = run_record.begin_attempt(spec.workdir, variant=spec.variant, model=spec.model,
+                                       seed=spec.seed, devices=list(group),
+                                       device_kind=devices.kind, started=started)
     with (spec.workdir / LOG_FILE).open("a") as log:
         log.write(f"\n# {time.strftime('%Y-%m-%d %H:%M:%S')} CUDA_VISIBLE_DEVICES="
                   f"{','.join(group)} {' '.join(command)}\n")
@@ -316,11 +294,8 @@ def run_one(spec: RunSpec, command: Sequence[str], group: tuple[str, ...],
     else:
         status = "trained"
         _say(f"{spec.name}: done in {minutes:.1f} min")
-    write_run_record(spec, {
-        "started": time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(started)),
-        "wall_time_s": finished - started, "returncode": returncode,
-        "device_kind": devices.kind, "device_count": max(len(group), 1),
-        "devices": list(group)}, status)
+    run_record.end_attempt(spec.workdir, attempt, returncode=returncode, status=status,
+                           ended=finished)
     return status
 
 

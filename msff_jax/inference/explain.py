@@ -55,6 +55,7 @@ class Explanation:
     kind: str  # 'attention' or 'gradcam'
     panels: list[HeatMap]
     predicted_class: int
+    logits: Optional[np.ndarray] = None  # The model's, to compare with the artifact's.
 
 
 # ----------------------------------------------------------------------------- sown values
@@ -206,8 +207,9 @@ class Explainer:
             cam = np.asarray(cam)
             panels = [[HeatMap(f"Grad-CAM, last stage ({cam.shape[1]}x{cam.shape[2]})", cam[i])]
                       for i in range(len(images))]
-        top = np.asarray(jnp.argmax(logits, axis=-1))
-        return [Explanation(self.kind, panels[i], int(top[i])) for i in range(len(images))]
+        logits = np.asarray(logits, np.float32)
+        top = np.argmax(logits, axis=-1)
+        return [Explanation(self.kind, panels[i], int(top[i]), logits[i]) for i in range(len(images))]
 
 
 # ----------------------------------------------------------------------------- drawing
@@ -263,6 +265,7 @@ def explainer_from_export(export_dir: Path, metadata: Optional[dict] = None) -> 
 
     metadata = metadata or load_metadata(export_dir)
     model, variables = load_model_and_variables(export_dir, metadata)
-    prep = metadata["preprocessing"]
-    return Explainer(model, variables, image_size=prep["image_size"], mean_rgb=prep["mean_rgb"],
-                     stddev_rgb=prep["stddev_rgb"], dtype=jnp.dtype(metadata["dtype"]))
+    applied = metadata["artifact"]["normalization"]  # What the artifact normalises with.
+    return Explainer(model, variables, image_size=metadata["preprocessing"]["image_size"],
+                     mean_rgb=applied["mean_rgb"], stddev_rgb=applied["stddev_rgb"],
+                     dtype=jnp.dtype(metadata["dtype"]))

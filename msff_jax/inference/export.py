@@ -16,17 +16,26 @@
   arithmetic, resize filter and antialiasing, the training backend. Evaluation, `--mode
   eval` and predict all run that one transform, and numpy + Pillow reproduce it from the
   JSON alone (tests/reference_client.py), so the artifact takes its output as input.
+  It also records what proves the other two files are the ones exported from that model,
+  step and class count: `artifact.sha256` (of the file), `variables.sha256` (of the
+  arrays, `variables_sha256`), and `artifact.normalization`, the mean and standard
+  deviation the artifact applies to its uint8 input.
 
-`load_export` reads the directory back and checks the three parts against each other, so
-a directory with a file missing or a JSON that disagrees with the artifact or the
-checkpoint (class count, image size) fails with an error that names the file.
+`load_export` reads the directory back and checks the parts against each other before
+any image is classified: export.json's keys and their types, the files it names staying
+inside the directory, the artifact's SHA-256, preprocessing's mean and standard
+deviation against the artifact's own record, the class count and image size against the
+artifact; `load_model_and_variables` (for `--explain`) checks the variables' SHA-256 and
+shapes. Each error names the file or key.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import logging
+import math
 import os
 from pathlib import Path
 from typing import Callable, Optional, Sequence
@@ -42,13 +51,15 @@ METADATA_FILE = "export.json"
 ARTIFACT_FILE = "inference.jaxexport"
 VARIABLES_DIR = "variables"
 # 2: `preprocessing` states the exact eval transform (version 1 described an
-# OpenCV pipeline whose pixels clients could not reproduce).
-FORMAT_VERSION = 2
+# OpenCV pipeline whose pixels clients could not reproduce). 3: the SHA-256 of the
+# artifact and of the variables, and the normalisation the artifact applies.
+FORMAT_VERSION = 3
 DEFAULT_PLATFORMS = ("cpu", "cuda")
 _REQUIRED_KEYS = ("format_version", "model", "model_overrides", "num_classes", "class_names",
                   "dtype", "preprocessing", "artifact", "variables")
 _REQUIRED_PREPROCESSING = ("version", "image_size", "crop_fraction", "resize_short",
                            "mean_rgb", "stddev_rgb")
+_DTYPES = ("float32", "bfloat16", "float16")
 
 
 class ExportError(UserError, ValueError):
@@ -91,6 +102,23 @@ def export_inference(infer: Callable, image_size: int,
     return jax.export.export(jax.jit(infer), platforms=tuple(platforms))(images)
 
 
+def sha256_bytes(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def variables_sha256(variables) -> str:
+    """SHA-256 of a variable tree's content: each leaf's path, dtype, shape and bytes, in
+    path order. The same for the host copies written and the arrays Orbax restores."""
+    digest = hashlib.sha256()
+    leaves = sorted(((jax.tree_util.keystr(path), np.asarray(leaf))
+                     for path, leaf in jax.tree_util.tree_flatten_with_path(variables)[0]),
+                    key=lambda item: item[0])
+    for key, array in leaves:
+        digest.update(f"{key}|{array.dtype.str}|{array.shape}|".encode())
+        digest.update(np.ascontiguousarray(array).tobytes())
+    return digest.hexdigest()
+
+
 def save_variables(path: Path, variables: dict) -> None:
     """Orbax checkpoint of host copies (numpy) of the inference variables."""
     import orbax.checkpoint as ocp
@@ -116,12 +144,18 @@ def write_export(out_dir: Path, *, model, variables: dict, metadata: dict,
     infer = make_inference_fn(model, variables, prep["mean_rgb"], prep["stddev_rgb"],
                               jnp.dtype(metadata["dtype"]))
     exported = export_inference(infer, prep["image_size"], platforms)
-    (out_dir / ARTIFACT_FILE).write_bytes(exported.serialize())
+    artifact = bytes(exported.serialize())
+    (out_dir / ARTIFACT_FILE).write_bytes(artifact)
     save_variables(out_dir / VARIABLES_DIR, variables)
 
     metadata = dict(metadata)
     metadata["artifact"] = {
         "file": ARTIFACT_FILE,
+        "sha256": sha256_bytes(artifact),
+        # What the program applies to its uint8 input, recorded as it was lowered:
+        # preprocessing's copy must agree with it (load_metadata checks).
+        "normalization": {"mean_rgb": list(prep["mean_rgb"]),
+                          "stddev_rgb": list(prep["stddev_rgb"])},
         "platforms": list(exported.platforms),
         "input": "uint8 (batch, image_size, image_size, 3), RGB, NHWC; batch is symbolic",
         "outputs": ["logits", "probabilities"],
@@ -129,6 +163,7 @@ def write_export(out_dir: Path, *, model, variables: dict, metadata: dict,
     }
     metadata["variables"] = {
         "dir": VARIABLES_DIR,
+        "sha256": variables_sha256(variables),
         "collections": sorted(variables),
         "param_count": int(sum(np.size(x) for x in jax.tree.leaves(variables["params"]))),
     }
@@ -200,7 +235,7 @@ def run(config, workdir: str, which: str = "best") -> Path:
     dtype is used by default, so logits match training-time evaluation)."""
     from data_pipeline.records.transforms import EVAL_CROP_FRACTION
     from msff_jax.train.checkpoints import restore_for_inference
-    from msff_jax.train.config_checks import plain
+    from msff_jax.train.config_model import plain
     from msff_jax.train.state import build_model
 
     _require_flatbuffers("--mode export")
@@ -262,33 +297,120 @@ class LoadedExport:
         return self.exported.call(images_uint8)
 
 
+def _is_count(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value > 0
+
+
+def _is_sha256(value) -> bool:
+    return isinstance(value, str) and len(value) == 64 and all(c in "0123456789abcdef" for c in value)
+
+
+def _is_rgb(value) -> bool:
+    return (isinstance(value, list) and len(value) == 3
+            and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value))
+
+
+# export.json's keys, what each must hold, and in words (for the error naming a bad one).
+_SCHEMA = (
+    ("model", lambda v: isinstance(v, str) and bool(v), "a model name"),
+    ("model_overrides", lambda v: isinstance(v, dict), "an object of module fields"),
+    ("num_classes", _is_count, "a positive integer"),
+    ("class_names", lambda v: isinstance(v, list) and all(isinstance(n, str) for n in v),
+     "a list of strings"),
+    ("dtype", lambda v: v in _DTYPES, f"one of {list(_DTYPES)}"),
+    ("step", lambda v: v is None or (isinstance(v, int) and not isinstance(v, bool) and v >= 0),
+     "a step number or null"),
+    ("preprocessing", lambda v: isinstance(v, dict), "an object"),
+    ("artifact", lambda v: isinstance(v, dict), "an object"),
+    ("artifact.file", lambda v: isinstance(v, str) and bool(v), "a file name"),
+    ("artifact.sha256", _is_sha256, "64 hexadecimal digits (the artifact's SHA-256)"),
+    ("artifact.normalization", lambda v: isinstance(v, dict), "an object"),
+    ("artifact.normalization.mean_rgb", _is_rgb, "3 numbers"),
+    ("artifact.normalization.stddev_rgb", _is_rgb, "3 numbers"),
+    ("variables", lambda v: isinstance(v, dict), "an object"),
+    ("variables.dir", lambda v: isinstance(v, str) and bool(v), "a folder name"),
+    ("variables.sha256", _is_sha256, "64 hexadecimal digits (the variables' SHA-256)"),
+)
+
+
+def _check_schema(path: Path, metadata: dict) -> None:
+    for key, valid, words in _SCHEMA:
+        node, found = metadata, True
+        for part in key.split("."):
+            if not isinstance(node, dict) or part not in node:
+                found = False
+                break
+            node = node[part]
+        if not found:
+            raise ExportError(f"{path}: {key} is missing; run launch.py --mode export on the "
+                              "training workdir again to rewrite the export")
+        if not valid(node):
+            raise ExportError(f"{path}: {key} must be {words}, got {json.dumps(node)[:80]}")
+
+
 def load_metadata(export_dir: Path) -> dict:
+    """export.json, checked: its format version, its keys and their types, the class
+    count, the preprocessing block, and preprocessing's mean and standard deviation
+    against the artifact's own record of them."""
     export_dir = Path(export_dir)
     if not export_dir.is_dir():
-        raise FileNotFoundError(f"export directory {export_dir} does not exist")
+        from msff_jax.console import what_is
+
+        kind = what_is(export_dir)
+        raise FileNotFoundError(f"export directory {export_dir} "
+                                f"{'is ' + kind + ', not a folder' if kind else 'does not exist'}")
     path = export_dir / METADATA_FILE
     if not path.exists():
         raise FileNotFoundError(f"{path} is missing: not an export directory "
                                 f"(write one with launch.py --mode export)")
     try:
         metadata = json.loads(path.read_text())
-    except json.JSONDecodeError as err:
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise ExportError(f"{path}: not valid JSON ({err})") from err
+    if not isinstance(metadata, dict):
+        raise ExportError(f"{path}: must hold a JSON object of export.json's keys, got a "
+                          f"{type(metadata).__name__}; run launch.py --mode export again")
     # The version first: an older export lacks newer keys, and re-exporting is the fix.
     if "format_version" in metadata and metadata["format_version"] != FORMAT_VERSION:
-        raise ExportError(f"{path}: format_version {metadata['format_version']} is not "
+        raise ExportError(f"{path}: format_version {metadata['format_version']!r} is not "
                           f"the supported {FORMAT_VERSION}; run launch.py --mode export on "
                           "the training workdir again to rewrite it")
     missing = [key for key in _REQUIRED_KEYS if key not in metadata]
     missing += [f"preprocessing.{key}" for key in _REQUIRED_PREPROCESSING
-                if key not in metadata.get("preprocessing", {})]
+                if key not in (metadata.get("preprocessing") or {})]
     if missing:
         raise ExportError(f"{path}: missing keys {missing}")
+    _check_schema(path, metadata)
     if len(metadata["class_names"]) != metadata["num_classes"]:
         raise ExportError(f"{path}: {len(metadata['class_names'])} class_names for "
                           f"num_classes={metadata['num_classes']}")
     _check_preprocessing(path, metadata["preprocessing"])
+    recorded = metadata["artifact"]["normalization"]
+    for key in ("mean_rgb", "stddev_rgb"):
+        stated, applied = metadata["preprocessing"][key], recorded[key]
+        if not all(math.isclose(a, b, rel_tol=1e-9, abs_tol=1e-9) for a, b in zip(stated, applied)):
+            raise ExportError(
+                f"{path}: preprocessing.{key} {stated} disagrees with artifact.normalization.{key} "
+                f"{applied}, the values {metadata['artifact']['file']} applies to its uint8 input "
+                "(the artifact normalises images itself: editing export.json cannot change it). "
+                f"Restore the recorded values, or export again with --config.{key}")
     return metadata
+
+
+def inside_export(export_dir: Path, metadata: dict, key: str) -> Path:
+    """The file or folder export.json names under `key` ('artifact.file',
+    'variables.dir'), refused when it would lie outside the export directory."""
+    section, field = key.split(".")
+    name = metadata[section][field]
+    relative = Path(name)
+    target = export_dir / relative
+    outside = (relative.is_absolute() or ".." in relative.parts
+               or not target.resolve().is_relative_to(export_dir.resolve()))
+    if outside:
+        raise ExportError(f"{export_dir / METADATA_FILE}: {key} {name!r} points outside the export "
+                          f"directory {export_dir}; an export names only files inside it "
+                          f"({ARTIFACT_FILE}, {VARIABLES_DIR}/)")
+    return target
 
 
 def _check_preprocessing(path: Path, prep: dict) -> None:
@@ -324,20 +446,33 @@ def _check_preprocessing(path: Path, prep: dict) -> None:
 
 
 def load_export(export_dir: Path) -> LoadedExport:
-    """Reads export.json and the artifact and checks they agree (class count, image
-    size, uint8 input). Needs no model code."""
+    """Reads export.json and the artifact and checks they agree (SHA-256, class count,
+    image size, uint8 input). Needs no model code."""
     export_dir = Path(export_dir)
     metadata = load_metadata(export_dir)
-    path = export_dir / metadata["artifact"]["file"]
+    meta_path = export_dir / METADATA_FILE
+    path = inside_export(export_dir, metadata, "artifact.file")
     if not path.exists():
-        raise FileNotFoundError(f"{path} is missing (named by {export_dir / METADATA_FILE})")
+        raise FileNotFoundError(f"{path} is missing (named by {meta_path})")
+    if not path.is_file():
+        from msff_jax.console import what_is
+
+        raise ExportError(f"{path} is {what_is(path)}, not the artifact file {meta_path} names")
     _require_flatbuffers(f"reading {path}")
+    data = path.read_bytes()
+    digest = sha256_bytes(data)
+    if digest != metadata["artifact"]["sha256"]:
+        raise ExportError(
+            f"{path} is not the artifact {meta_path} was written with: its SHA-256 is "
+            f"{digest[:16]}..., export.json records {metadata['artifact']['sha256'][:16]}... "
+            f"(of {metadata['model']}, step {metadata.get('step')}, {metadata['num_classes']} "
+            "classes). It was replaced or damaged: copy the export directory whole, or run "
+            "launch.py --mode export again")
     try:
-        exported = jax.export.deserialize(bytearray(path.read_bytes()))
+        exported = jax.export.deserialize(bytearray(data))
     except Exception as err:  # flatbuffer / version errors have no common type
         raise ExportError(f"{path}: cannot deserialise the jax.export artifact: {err}") from err
 
-    meta_path = export_dir / METADATA_FILE
     size = metadata["preprocessing"]["image_size"]
     (image_aval,) = exported.in_avals
     if image_aval.dtype != np.uint8 or tuple(image_aval.shape[1:]) != (size, size, 3):
@@ -366,7 +501,7 @@ def load_model_and_variables(export_dir: Path, metadata: Optional[dict] = None):
     export_dir = Path(export_dir)
     metadata = metadata or load_metadata(export_dir)
     meta_path = export_dir / METADATA_FILE
-    path = (export_dir / metadata["variables"]["dir"]).absolute()
+    path = inside_export(export_dir, metadata, "variables.dir").absolute()
     if not path.is_dir():
         raise FileNotFoundError(f"{path} is missing (named by {meta_path})")
     overrides = dict(metadata["model_overrides"])
@@ -391,4 +526,12 @@ def load_model_and_variables(export_dir: Path, metadata: Optional[dict] = None):
             f"num_classes={metadata['num_classes']}): {len(diffs)} leaves differ, e.g. "
             + "; ".join(diffs[:3]))
     variables = checkpointer.restore(path)
+    digest = variables_sha256(variables)
+    if digest != metadata["variables"]["sha256"]:
+        raise ExportError(
+            f"{path} holds other variables than {meta_path} records: their SHA-256 is "
+            f"{digest[:16]}..., export.json records {metadata['variables']['sha256'][:16]}... "
+            f"(of {metadata['model']}, step {metadata.get('step')}); the artifact beside them "
+            "would answer for other weights than the maps drawn. Copy the export directory "
+            "whole, or run launch.py --mode export again")
     return model, variables

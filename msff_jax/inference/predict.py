@@ -12,8 +12,11 @@ a prediction sees exactly what evaluation saw.
 
 Folders are searched recursively and every file in them is tried. A file that cannot be
 used (not an image, truncated, larger than `--max_image_pixels`: a decompression bomb,
-or a file over `--max_file_mb`, an empty file) is named once on stderr with the reason
-and skipped; the others still run, and a final count of skipped files follows. A
+or a file over `--max_file_mb`, an empty file, a FIFO or a device, which is never
+opened) is named once on stderr with the reason and skipped; the others still run, and
+a final count of skipped files follows. Before any image, the export directory is
+checked to be itself (`export.load_export`: SHA-256s, keys, paths, normalisation), and
+with `--explain` the model code and variables are checked to give the artifact's logits. A
 progress bar is drawn on stderr only when it is a terminal.
 
 Exit status: 0 when every file was classified, 2 when some were skipped, 1 when nothing
@@ -28,6 +31,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import re
 import sys
 import types
@@ -78,20 +82,25 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> types.SimpleNamespace:
 
 
 def collect_files(inputs: Iterable[str]) -> list[Path]:
-    """Files named directly, and every file under named folders (sorted, recursive,
-    hidden files skipped); a file reached twice is kept once."""
+    """Files named directly, and every entry but folders under named folders (sorted,
+    recursive, hidden ones skipped; a FIFO or device among them is skipped later, named);
+    a file reached twice is kept once. A name that is no file nor folder is refused
+    saying what it is (a FIFO, a device, a dangling link)."""
     files: list[Path] = []
     for name in inputs:
         path = Path(name)
         if path.is_dir():
             found = sorted(p for p in path.rglob("*")
-                           if p.is_file() and not any(part.startswith(".")
-                                                      for part in p.relative_to(path).parts))
+                           if not p.is_dir() and not any(part.startswith(".")
+                                                         for part in p.relative_to(path).parts))
             if not found:
                 raise InputError(f"folder {path} contains no files")
             files += found
         elif path.is_file():
             files.append(path)
+        elif os.path.lexists(path):
+            raise InputError(f"{path} is {console.what_is(path) or 'not a regular file'}, not an "
+                             "image file or a folder; name image files or folders of them")
         else:
             raise InputError(f"{path}: no such file or folder")
     seen: set[Path] = set()
@@ -199,6 +208,27 @@ def _unique_png(out_dir: Path, source: Path, used: set[str]) -> Path:
     return out_dir / name
 
 
+def check_same_model(exported, artifact_logits: np.ndarray, model_logits: np.ndarray) -> None:
+    """The overlays must explain the probabilities printed beside them: the model code
+    with the export's variables must give the artifact's logits (up to the compute
+    dtype's rounding). The SHA-256 checks make this hold for an intact export; this
+    proves it for the very images being explained."""
+    from msff_jax.inference.export import ExportError
+
+    dtype = exported.metadata["dtype"]
+    tolerance = 1e-3 if dtype == "float32" else 5e-2
+    scale = max(1.0, float(np.max(np.abs(artifact_logits))))
+    difference = float(np.max(np.abs(artifact_logits - model_logits)))
+    if not difference <= tolerance * scale:
+        directory = exported.directory
+        raise ExportError(
+            f"{directory}: the artifact ({directory / exported.metadata['artifact']['file']}) and "
+            f"the variables ({directory / exported.metadata['variables']['dir']}) give different "
+            f"logits for the same images (largest difference {difference:.3g}): they are not one "
+            "model, so --explain would draw maps of another model than the one that answers. "
+            "Run launch.py --mode export again")
+
+
 def predict(args) -> int:
     import jax
     from PIL import Image
@@ -231,6 +261,9 @@ def predict(args) -> int:
             images, good = [], []
             for path in batch_files:
                 try:
+                    kind = console.what_is(path)
+                    if kind != "a file":  # Reading a FIFO or a device would block or never end.
+                        raise ValueError(f"{kind or 'gone'}, not a regular file")
                     if path.stat().st_size == 0:
                         raise ValueError("empty file")
                     images.append(load_image(path, prep["image_size"], prep["crop_fraction"],
@@ -246,9 +279,12 @@ def predict(args) -> int:
             batch = np.stack(images)
             padded = np.concatenate(
                 [batch, np.zeros((batch_shape - len(batch),) + batch.shape[1:], np.uint8)])
-            _, probabilities = infer(padded)
+            logits, probabilities = infer(padded)
             probabilities = np.asarray(probabilities)[: len(batch)]
             explanations = explainer.explain(padded)[: len(batch)] if explainer else []
+            if explainer and classified == 0:  # Before the first overlay is written.
+                check_same_model(exported, np.asarray(logits)[: len(batch)],
+                                 np.stack([e.logits for e in explanations]))
             for i, path in enumerate(good):
                 predictions = top_predictions(probabilities[i], names, k)
                 line = (format_json if args.json else format_text)(path, predictions)

@@ -60,7 +60,10 @@ _IGNORED_SUFFIXES = (".num_batches_tracked",)
 
 
 class WeightConversionError(ValueError):
-    """The state dict does not fit the model; the message lists every problem."""
+    """The state dict does not fit the model; the message lists the problems. The
+    user's to fix (`user_fixable`: a program prints it as one line, not as a bug)."""
+
+    user_fixable = True
 
 
 def load_safetensors(path: os.PathLike | str) -> Dict[str, np.ndarray]:
@@ -130,7 +133,7 @@ def convert_torchvision(
             f"convertible models: {', '.join(CONVERTIBLE_MODELS)}"
         )
     head_prefix = HEAD_PREFIXES[model_name]
-    missing, mismatched, converted = [], [], {}
+    missing, mismatched, converted, loaded = [], [], {}, 0
     used = set()
     for collection in ("params", "batch_stats"):
         if collection not in variables_template:
@@ -161,6 +164,7 @@ def convert_torchvision(
                 )
                 continue
             leaves[path] = np.asarray(value, dtype=template_leaf.dtype)
+            loaded += 1
         converted[collection] = traverse_util.unflatten_dict(leaves)
 
     unexpected = sorted(
@@ -172,21 +176,31 @@ def convert_torchvision(
     )
     problems = []
     if missing:
-        problems.append(f"{len(missing)} missing key(s): {', '.join(sorted(missing))}")
+        problems.append(f"{len(missing)} missing key(s): {_first(sorted(missing), ', ')}")
     if unexpected:
-        problems.append(f"{len(unexpected)} unexpected key(s): {', '.join(unexpected)}")
+        problems.append(f"{len(unexpected)} unexpected key(s): {_first(unexpected, ', ')}")
     if mismatched:
-        problems.append(f"{len(mismatched)} shape mismatch(es): " + "; ".join(mismatched))
+        problems.append(f"{len(mismatched)} shape mismatch(es): " + _first(mismatched, "; "))
     if problems:
         head_mismatch = any(line.startswith(head_prefix) for line in mismatched)
         hint = "\n  (another number of classes needs skip_head=True)" if head_mismatch else ""
+        if loaded <= len(used) // 10:
+            hint += (f"\n  (the file fits {loaded} of {model_name}'s {len(used)} tensors: it "
+                     "holds the weights of another model)")
         raise WeightConversionError(
-            f"state dict does not fit {model_name}:\n  " + "\n  ".join(problems) + hint
+            f"state dict does not fit {model_name}:\n  " + ";\n  ".join(problems) + hint
         )
     extra = set(variables_template) - {"params", "batch_stats"}
     for collection in extra:
         converted[collection] = variables_template[collection]
     return converted
+
+
+def _first(items, separator: str, limit: int = 5) -> str:
+    """The first `limit` items, and how many more: a file of another model would
+    otherwise list every one of its hundreds of keys."""
+    shown = separator.join(items[:limit])
+    return shown + (f"{separator}... and {len(items) - limit} more" if len(items) > limit else "")
 
 
 def is_timm_state_dict(state_dict: Mapping[str, Any]) -> bool:

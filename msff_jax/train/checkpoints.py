@@ -17,8 +17,9 @@ yet on disk when the power went). Orbax lists such a step and fails deep inside
 TensorStore when restoring it, so resuming (`restore_latest_intact`) tries the steps
 newest first, moves each damaged one aside to WORKDIR/checkpoints_damaged/ with a warning
 (nothing is ever deleted), and stops with a clear error when none restores; it never
-starts from scratch while checkpoints exist. A save that runs out of disk space raises
-`CheckpointWriteError`; the earlier checkpoints are untouched and a rerun resumes.
+starts from scratch while checkpoints exist. A save that runs out of disk space, or
+finds its folder read-only, raises `CheckpointWriteError`; the earlier checkpoints are
+untouched and a rerun resumes.
 """
 
 from __future__ import annotations
@@ -35,6 +36,8 @@ import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_manager as orbax_checkpoint_manager
 from orbax.checkpoint import checkpoint_managers
 
+from msff_jax.console import UserError
+
 STATE_ITEM = "state"
 DATA_ITER_ITEM = "data_iter"
 BEST_METRIC = "val_macro_f1"
@@ -49,13 +52,21 @@ DAMAGED_DIR = "checkpoints_damaged"
 class DamagedCheckpointError(ValueError):
     """A checkpoint step directory with a file missing, truncated or unreadable."""
 
+    user_fixable = True  # Its messages say what to do.
 
-class CheckpointWriteError(OSError):
-    """A checkpoint could not be written because the disk (or quota) is full."""
+
+class CheckpointWriteError(UserError, OSError):
+    """A checkpoint could not be written: the disk (or quota) is full, or the folder is
+    read-only. The earlier checkpoints are intact; the message says what to do."""
 
 
 def checkpoint_dir(workdir: str) -> str:
     return os.path.join(os.path.abspath(workdir), "checkpoints")
+
+
+def saved_steps(workdir: str) -> list[int]:
+    """The step directories under WORKDIR/checkpoints, without starting Orbax."""
+    return _step_dirs(checkpoint_dir(workdir))
 
 
 def _exception_chain(err: BaseException):
@@ -109,16 +120,37 @@ def _out_of_space(err: BaseException) -> bool:
     return False
 
 
+_NOT_WRITABLE = {errno.EACCES, errno.EPERM, errno.EROFS}
+_NOT_WRITABLE_TEXT = re.compile(r"Permission denied|PERMISSION_DENIED|Read-only file system|"
+                                r"Operation not permitted")
+
+
+def _not_writable(err: BaseException) -> bool:
+    """Whether `err` (Python's OSError, or TensorStore's error text) is a folder this
+    user may not write to: read-only, immutable, or another user's."""
+    for e in _exception_chain(err):
+        if isinstance(e, OSError) and e.errno in _NOT_WRITABLE:
+            return True
+        if _NOT_WRITABLE_TEXT.search(str(e)):
+            return True
+    return False
+
+
 def _write_error(manager: ocp.CheckpointManager, err: BaseException) -> CheckpointWriteError:
     directory = str(manager.directory)
     failed = re.search(r"/(\d+)\.orbax-checkpoint-tmp", str(err))
     which = f"step {failed.group(1)}" if failed else "a checkpoint"
     kept = _step_dirs(directory)  # On disk: Orbax's own list may already omit steps it means to rotate out.
+    if _out_of_space(err):
+        reason, fix = ("the disk is full (or the quota or file-size limit is reached)",
+                       "free some space")
+    else:
+        reason, fix = ("this user may not write there (read-only, or permission denied)",
+                       f"make {directory} writable")
     return CheckpointWriteError(
-        f"saving {which} under {directory} failed: the disk is full (or the quota or file-size "
-        f"limit is reached): {_short(err)}. The checkpoints already written "
-        f"({', '.join(map(str, kept)) or 'none'}) are intact and the unfinished one is never "
-        "restored; free some space and rerun the same command to resume.")
+        f"saving {which} under {directory} failed: {reason}: {_short(err)}. The checkpoints "
+        f"already written ({', '.join(map(str, kept)) or 'none'}) are intact and the unfinished "
+        f"one is never restored; {fix} and rerun the same command to resume.")
 
 
 def _step_dirs(directory: str) -> list[int]:
@@ -224,7 +256,7 @@ def save(manager: ocp.CheckpointManager, step: int, state, data_iterator, *,
     try:
         return manager.save(step, args=args, metrics=metrics, force=force)
     except Exception as err:  # An asynchronous save's failure surfaces at the next one.
-        if _out_of_space(err):
+        if _out_of_space(err) or _not_writable(err):
             raise _write_error(manager, err) from err
         raise
 
@@ -234,7 +266,7 @@ def wait_until_finished(manager: ocp.CheckpointManager) -> None:
     try:
         manager.wait_until_finished()
     except Exception as err:
-        if _out_of_space(err):
+        if _out_of_space(err) or _not_writable(err):
             raise _write_error(manager, err) from err
         raise
 

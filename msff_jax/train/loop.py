@@ -7,6 +7,7 @@ the same code; only process 0 writes logs, summaries and reports.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 
@@ -40,8 +41,9 @@ PREEMPTION_SYNC_EVERY_STEPS = 10
 FINAL_REPORT = "eval_results"
 
 
-class NonFiniteLossError(FloatingPointError):
-    """Training produced a NaN or infinite loss; the message names the step."""
+class NonFiniteLossError(console.UserError, FloatingPointError):
+    """Training diverged (a NaN or infinite loss); the message names the step and the
+    fields to change: a user error, not a bug."""
 
 
 # ------------------------------------------------------------------------------ input
@@ -193,6 +195,46 @@ def _write_config(config, workdir: str) -> None:
             f.write(config.to_json_best_effort(indent=2, sort_keys=True))
 
 
+@contextlib.contextmanager
+def _undone_if_start_fails(workdir: str):
+    """A start that fails (weights that do not fit, an unreadable shard) leaves a fresh
+    workdir as it was: the folders this start created are removed while still empty.
+    Nothing else is written before the start succeeds (config.json and TensorBoard
+    come after it)."""
+    existed = {path: os.path.lexists(path)
+               for path in (workdir, checkpointing.checkpoint_dir(workdir))}
+    try:
+        yield
+    except BaseException:
+        if distributed.is_primary():
+            for path in sorted(existed, reverse=True):  # checkpoints/ before the workdir
+                if not existed[path]:
+                    with contextlib.suppress(OSError):
+                        os.rmdir(path)  # Only when empty.
+        raise
+
+
+def _read_pretrained(config, abstract_state) -> dict:
+    """`config.pretrained_path` converted against the model's shapes, before the data
+    start-up, so a file of another model stops the run at once. With
+    `pretrained_skip_head` the head's leaves stay shapes, filled from the fresh state."""
+    from msff_jax.models.torch_weights import WeightConversionError, load_pretrained
+
+    template = {"params": abstract_state.params, "batch_stats": abstract_state.batch_stats}
+    try:
+        return load_pretrained(config.model, config.pretrained_path, template,
+                               skip_head=config.pretrained_skip_head)
+    except WeightConversionError as err:
+        raise console.ConfigError(
+            f"config.pretrained_path: {err}. Name a .safetensors file of {config.model}'s "
+            "torchvision or timm weights, or train without (--config.pretrained_path='').") from err
+
+
+def _with_fresh_head(pretrained: dict, fresh: dict) -> dict:
+    return jax.tree.map(lambda loaded, new: new if isinstance(loaded, jax.ShapeDtypeStruct) else loaded,
+                        pretrained, fresh)
+
+
 # ------------------------------------------------------------------------------- main
 
 
@@ -216,7 +258,6 @@ def train_and_evaluate(config, workdir: str) -> dict:
 
 def _train_and_evaluate(config, workdir: str) -> dict:
     workdir = os.path.abspath(workdir)
-    os.makedirs(workdir, exist_ok=True)
 
     # ---------------------------------------------------------------- checks
     manifest = config_checks.check_config(config, num_devices=jax.device_count(), process_count=jax.process_count())
@@ -227,11 +268,6 @@ def _train_and_evaluate(config, workdir: str) -> dict:
     eval_every = config.eval_every_steps if config.eval_every_steps > 0 else steps_per_epoch
     config_checks.check_resume(config, workdir)  # Before config.json is replaced.
     run_start = time.monotonic()
-    _write_config(config, workdir)
-
-    # ---------------------------------------------------------------- logging
-    writer = metric_writers.create_default_writer(
-        os.path.join(workdir, "tensorboard"), just_logging=not distributed.is_primary())
     logging.info("%d processes, %d devices; %d train examples, %d steps per epoch, %d steps",
                  jax.process_count(), jax.device_count(), num_train, steps_per_epoch, total_steps)
 
@@ -249,25 +285,29 @@ def _train_and_evaluate(config, workdir: str) -> dict:
     if _stop_agreed():  # Before this run trained anything: nothing new to save.
         logging.warning("preempted during start-up: nothing new to save; rerun the same command "
                         "to resume")
-        writer.close()
         return {"preempted_at_step": None}
     preemption.set_phase("data start-up and restore")
-    train_input = make_train_input(config)
-    manager = checkpointing.make_manager(workdir, config)
-    abstract_state = train_state_lib.abstract_train_state(config, model, tx, mesh, rng)
-    # The newest intact checkpoint; damaged newer ones are named and moved aside.
-    latest, state = checkpointing.restore_latest_intact(manager, abstract_state, train_input)
-    if latest is not None:
-        logging.info("resuming from %s step %d", checkpointing.checkpoint_dir(workdir), latest)
-    else:
-        state = train_state_lib.create_train_state(config, model, tx, mesh, rng, abstract_state)
-        if config.pretrained_path:
-            from msff_jax.models.torch_weights import load_pretrained
-
-            variables = load_pretrained(config.model, config.pretrained_path,
-                                        jax.device_get(state.eval_variables()),
-                                        skip_head=config.pretrained_skip_head)
-            state = train_state_lib.with_pretrained(state, variables, mesh)
+    with _undone_if_start_fails(workdir):
+        os.makedirs(workdir, exist_ok=True)
+        abstract_state = train_state_lib.abstract_train_state(config, model, tx, mesh, rng)
+        pretrained = None
+        if config.pretrained_path and not checkpointing.saved_steps(workdir):
+            pretrained = _read_pretrained(config, abstract_state)
+        train_input = make_train_input(config)
+        manager = checkpointing.make_manager(workdir, config)
+        # The newest intact checkpoint; damaged newer ones are named and moved aside.
+        latest, state = checkpointing.restore_latest_intact(manager, abstract_state, train_input)
+        if latest is not None:
+            logging.info("resuming from %s step %d", checkpointing.checkpoint_dir(workdir), latest)
+        else:
+            state = train_state_lib.create_train_state(config, model, tx, mesh, rng, abstract_state)
+            if pretrained is not None:
+                variables = _with_fresh_head(pretrained, jax.device_get(state.eval_variables()))
+                state = train_state_lib.with_pretrained(state, variables, mesh)
+    # The start succeeded: from here on the workdir records the run.
+    _write_config(config, workdir)
+    writer = metric_writers.create_default_writer(
+        os.path.join(workdir, "tensorboard"), just_logging=not distributed.is_primary())
     train_iter = device_feed.prefetch_to_mesh(train_input, mesh_lib.batch_sharding(mesh))
     step = int(jax.device_get(state.step))
     num_params = count_params({"params": state.params})
@@ -459,10 +499,11 @@ def evaluate_checkpoint(config, workdir: str, *, which: str = "best", split: str
     writes eval_{split}_step{step}.json and its confusion matrix, never the training's
     final report (eval_results.json), which `msff_jax.analysis.study` and the report read."""
     workdir = os.path.abspath(workdir)
-    manifest = config_checks.check_config(config, num_devices=jax.device_count(), process_count=jax.process_count())
+    manifest = config_checks.check_config(config, num_devices=jax.device_count(),
+                                          process_count=jax.process_count(), mode="eval")
     split = split or config.eval_split
     if split not in manifest["splits"]:
-        raise ValueError(f"--eval_split={split!r} is not in {config.data_dir}/manifest.json (it "
+        raise console.ConfigError(f"--eval_split={split!r} is not in {config.data_dir}/manifest.json (it "
                          f"has {sorted(manifest['splits'])}).")
     mesh = mesh_lib.make_mesh(config.mesh_shape)
     variables, step = checkpointing.restore_for_inference(config, workdir, which=which, mesh=mesh)

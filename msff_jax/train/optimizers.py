@@ -17,10 +17,14 @@ OPTIMIZER_NAMES = ("sgd", "adamw")
 
 
 def total_train_steps(config, steps_per_epoch: int) -> int:
-    """`num_train_steps` when positive, otherwise `num_epochs` whole epochs."""
-    if config.get("num_train_steps", -1) and config.num_train_steps > 0:
-        return int(config.num_train_steps)
-    return int(round(config.num_epochs * steps_per_epoch))
+    """`num_train_steps` when positive; its default -1 means `num_epochs` whole epochs.
+    Any other value is refused (the config rules refuse it before this is reached)."""
+    steps = config.get("num_train_steps", -1)
+    if steps == -1:
+        return int(round(config.num_epochs * steps_per_epoch))
+    if steps > 0:
+        return int(steps)
+    raise ValueError(f"config.num_train_steps={steps} must be -1 (num_epochs decides) or positive.")
 
 
 def peak_learning_rate(config) -> float:

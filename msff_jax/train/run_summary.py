@@ -109,7 +109,7 @@ def write_summary(config, workdir: str, results: dict, *, best_step, latest_step
     """WORKDIR/summary.md (process 0 only); returns its path."""
     import jax
 
-    from msff_jax.train.config_checks import plain
+    from msff_jax.train.config_model import plain
 
     path = os.path.join(workdir, SUMMARY_FILE)
     overrides = plain(config.get("model_overrides") or {})

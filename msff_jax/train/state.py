@@ -17,9 +17,8 @@ import optax
 from jax.sharding import Mesh
 
 from msff_jax.train import mesh as mesh_lib
-from msff_jax.train.config_checks import plain
-
-COMPUTE_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+# The model and dtype a config names; re-exported because callers reach them here.
+from msff_jax.train.config_model import COMPUTE_DTYPES, build_model, compute_dtype  # noqa: F401
 
 
 @flax.struct.dataclass
@@ -44,13 +43,6 @@ class TrainState:
         """The variables evaluation uses: EMA parameters when kept, else the parameters."""
         params = self.params if self.ema_params is None else self.ema_params
         return {"params": params, "batch_stats": self.batch_stats}
-
-
-def compute_dtype(config):
-    if config.dtype not in COMPUTE_DTYPES:
-        raise ValueError(
-            f"config.dtype={config.dtype!r} is unknown; use one of {sorted(COMPUTE_DTYPES)}.")
-    return COMPUTE_DTYPES[config.dtype]
 
 
 def _init_fn(config, model, tx):
@@ -115,12 +107,3 @@ def with_pretrained(state: TrainState, variables: dict, mesh: Mesh) -> TrainStat
         batch_stats=put(variables.get("batch_stats", state.batch_stats)),
         ema_params=None if state.ema_params is None else put(variables["params"]),
     )
-
-
-def build_model(config):
-    """The model named by the config, in the config's computation dtype."""
-    from msff_jax.models import get_model
-
-    overrides = plain(config.get("model_overrides") or {})
-    overrides.setdefault("dtype", compute_dtype(config))
-    return get_model(config.model, config.num_classes, **overrides)

@@ -44,7 +44,7 @@ from msff_jax.train import state as train_state
 from msff_jax.analysis.benchmark import device_peaks, kernel_profile, outputs, timing
 from msff_jax.analysis.plan.beside_measurement import plan_columns
 from msff_jax.models import TINY_OVERRIDES, count_params
-from msff_jax.train.config_checks import plain
+from msff_jax.train.config_model import plain
 
 CSV_NAME = "benchmark.csv"
 TABLE_NAME = "benchmark.md"
