@@ -122,7 +122,7 @@ def normalize_images(
     """(batch, height, width, 3) uint8 -> (batch, 3, height, width) float32, channels-last.
 
     `mean` and `stddev` have shape (1, 3, 1, 1) on the 0..255 scale. The arithmetic is in
-    float32, as in `msff_jax.inference.preprocessing.normalize_images`; under autocast
+    float32, as in `msff_jax.models.inputs.normalize_images`; under autocast
     the first convolution casts the result.
     """
     images = images_uint8.permute(0, 3, 1, 2).to(torch.float32)

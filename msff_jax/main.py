@@ -276,6 +276,9 @@ def run_mode(config, workdir: str, mode: str) -> int | None:
 
         config_checks.check_devices(config, num_devices=jax.device_count(),
                                     process_count=jax.process_count())
+    elif mode == "plan":  # The devices planned for, in hosts of eight.
+        planned = int(config.plan.num_devices)
+        config_checks.check_devices(config, num_devices=planned, process_count=max(1, planned // 8))
     if config.get("demo") and mode in ("train", "eval", "export"):
         from msff_jax.train import demo_data as demo
 

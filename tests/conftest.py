@@ -25,7 +25,11 @@ except ImportError:
 
 # Start JAX's CPU backend now, with the eight devices: tests that set XLA_FLAGS for
 # their subprocesses (monkeypatch.setenv) would otherwise decide the device count of
-# this process too when they happen to run first.
+# this process too when they happen to run first. (JAX's CUDA plugin, installed for
+# --mode plan, is imported as every program imports it: without its driver notices.)
+from msff_jax import cuda_plugin  # noqa: E402
+
+cuda_plugin.quiet_start()
 import jax  # noqa: E402
 
 assert jax.device_count() == 8, "XLA_FLAGS from the environment overrides the 8 simulated devices"

@@ -12,7 +12,7 @@ import pytest
 
 from data_pipeline.records import transforms
 from msff_jax.inference import export
-from msff_jax.inference.preprocessing import normalize_images
+from msff_jax.models.inputs import normalize_images
 from tiny_export import IMAGE_SIZE, MEAN_RGB, STDDEV_RGB, write_tiny_export
 
 CLASS_NAMES = ["Dress", "Tee", "Blouse", "Shorts"]

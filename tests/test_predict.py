@@ -17,7 +17,7 @@ from PIL import Image
 from data_pipeline.records.transforms import decode_resize_center_crop
 from msff_jax.inference import explain
 from msff_jax.inference import predict
-from msff_jax.inference.preprocessing import normalize_images
+from msff_jax.models.inputs import normalize_images
 from msff_jax.models import TINY_OVERRIDES
 from tiny_export import IMAGE_SIZE, MEAN_RGB, STDDEV_RGB, write_tiny_export
 

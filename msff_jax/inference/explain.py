@@ -181,7 +181,7 @@ class Explainer:
 
     def __init__(self, model: nn.Module, variables: dict, *, image_size: int,
                  mean_rgb: Sequence[float], stddev_rgb: Sequence[float], dtype=jnp.float32):
-        from msff_jax.inference.preprocessing import normalize_images
+        from msff_jax.models.inputs import normalize_images
 
         self._normalize = lambda images: normalize_images(images, mean_rgb, stddev_rgb, dtype)
         shape = (1, image_size, image_size, 3)

@@ -84,7 +84,7 @@ def make_inference_fn(model, variables, mean_rgb: Sequence[float],
                       stddev_rgb: Sequence[float], dtype) -> Callable:
     """uint8 NHWC images -> (float32 logits, float32 probabilities), variables closed
     over so they become constants of the exported program."""
-    from msff_jax.inference.preprocessing import normalize_images
+    from msff_jax.models.inputs import normalize_images
 
     def infer(images_uint8):
         images = normalize_images(images_uint8, mean_rgb, stddev_rgb, dtype)

@@ -18,7 +18,7 @@ from msff_jax.train import config_checks
 from msff_jax.train import flat_update
 from msff_jax.train import mesh as mesh_lib
 from msff_jax.train import state as train_state_lib
-from msff_jax.inference.preprocessing import normalize_images
+from msff_jax.models.inputs import normalize_images
 
 
 def _split_micro_batches(x, num_micro: int, mesh):

@@ -1,8 +1,10 @@
-"""On-device image normalisation.
+"""The models' input: uint8 images normalised on the device.
 
 Batches travel host-to-device as uint8 (a quarter of float32's bytes); the subtraction
 and division happen inside the jitted step, where XLA fuses them into the first
-convolution's input.
+convolution's input. Training, evaluation, the export and Grad-CAM all normalise with
+this one function, which lives with the models so that neither training nor inference
+imports the other for it.
 """
 
 import jax.numpy as jnp
