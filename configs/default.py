@@ -95,8 +95,9 @@ def get_config(model: str | None = None) -> ml_collections.ConfigDict:
     # BatchNorm networks from blowing up; then a cosine decay to zero.
     config.optimizer.warmup_epochs = 5
     config.optimizer.end_learning_rate = 0.0
-    # Decoupled L2 on kernels only: decaying BatchNorm scales and biases (ndim <= 1)
-    # only hurts. 5e-5 rather than ImageNet's 1e-4: fewer images per class, but also a
+    # L2 weight decay on kernels only, added to the gradient before the momentum (coupled,
+    # as torch.optim.SGD(weight_decay=...) does; AdamW's is decoupled): decaying BatchNorm
+    # scales and biases (ndim <= 1) only hurts. 5e-5 rather than ImageNet's 1e-4: fewer images per class, but also a
     # model (11.8 M) with less capacity to overfit than ResNet-50.
     config.optimizer.weight_decay = 5e-5
     if config.model in DEPTHWISE_MODELS:
@@ -114,7 +115,9 @@ def get_config(model: str | None = None) -> ml_collections.ConfigDict:
     # is drawn class-balanced, so 'none'.
     config.class_weights = "none"
     # EMA of the parameters, used for evaluation when > 0. Off by default: with a cosine
-    # schedule to zero it adds little; 0.9998 helps short or noisy runs.
+    # schedule to zero it adds little; 0.9998 helps short or noisy runs. BatchNorm's
+    # running statistics are not averaged again: evaluation pairs the EMA parameters with
+    # the live model's statistics (docs/GUIDE.md, "Training", says what that means).
     config.ema_decay = 0.0
     # Dynamic loss scaling for dtype='float16'.
     config.loss_scale = ml_collections.ConfigDict()
