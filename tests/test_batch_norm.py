@@ -12,8 +12,8 @@ import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from msff_jax.models import get_model, TINY_OVERRIDES
-from msff_jax.models import layers
-from msff_jax.models.batch_norm import BatchNorm
+from msff_jax.models import batch_norm
+from msff_jax.models.batch_norm import AutodiffBatchNorm, BatchNorm
 
 
 class FlaxBatchNorm(nn.BatchNorm):
@@ -125,7 +125,7 @@ def test_whole_models_match_flax_batch_norm(name, monkeypatch, float64):
 
     variables = model.init(jax.random.PRNGKey(0), images, train=False)
     (loss, stats), grads = loss_and_grads(variables)
-    monkeypatch.setattr(layers, "BatchNorm", FlaxBatchNorm)
+    monkeypatch.setitem(batch_norm.BACKWARDS, "two_pass", FlaxBatchNorm)
     reference_variables = model.init(jax.random.PRNGKey(0), images, train=False)
     assert jax.tree.structure(reference_variables) == jax.tree.structure(variables)
     (loss_ref, stats_ref), grads_ref = loss_and_grads(variables)
@@ -135,3 +135,21 @@ def test_whole_models_match_flax_batch_norm(name, monkeypatch, float64):
     largest = max(float(jnp.max(jnp.abs(g))) for g in jax.tree.leaves(grads_ref))
     for a, b in zip(jax.tree.leaves(grads_ref), jax.tree.leaves(grads)):
         np.testing.assert_allclose(b, a, rtol=1e-9, atol=1e-12 * largest)
+
+
+def test_autodiff_option_is_flax_batch_norm():
+    """`batch_norm_backward='autodiff'` (the speed option the GPU probe measures against)
+    is flax's BatchNorm: the same outputs and gradients as the test's own reference."""
+    x = jax.random.normal(jax.random.PRNGKey(6), (4, 3, 3, 6))
+    residual = jax.random.normal(jax.random.PRNGKey(7), x.shape)
+    kwargs = dict(use_running_average=False, relu=True)
+    variables = FlaxBatchNorm(**kwargs).init(jax.random.PRNGKey(0), x)
+    expected = _apply(FlaxBatchNorm(**kwargs), variables, x, residual)
+    got = _apply(AutodiffBatchNorm(**kwargs), variables, x, residual)
+    for a, b in zip(jax.tree.leaves(expected), jax.tree.leaves(got)):
+        np.testing.assert_array_equal(a, b)
+    model = get_model("resnet50", 5, batch_norm_backward="autodiff", **TINY_OVERRIDES["resnet50"])
+    model.init(jax.random.PRNGKey(0), jnp.zeros((1, 32, 32, 3)))
+    with pytest.raises(ValueError, match="batch_norm_backward"):
+        get_model("resnet50", 5, batch_norm_backward="fast", **TINY_OVERRIDES["resnet50"]).init(
+            jax.random.PRNGKey(0), jnp.zeros((1, 32, 32, 3)))

@@ -22,7 +22,7 @@ from typing import Any, Callable, Optional, Tuple
 import flax.linen as nn
 import jax.numpy as jnp
 
-from msff_jax.models.batch_norm import BatchNorm
+from msff_jax.models import batch_norm
 
 ModuleDef = Any
 Activation = Callable[[jnp.ndarray], jnp.ndarray]
@@ -41,6 +41,7 @@ def conv_and_norm(
     param_dtype: Any,
     norm_momentum: float,
     norm_epsilon: float,
+    batch_norm_backward: str = "two_pass",
 ) -> Tuple[ModuleDef, ModuleDef]:
     """Returns (conv, norm) partials for one forward pass.
 
@@ -48,14 +49,16 @@ def conv_and_norm(
     `1 - torch_momentum`: torch's default 0.1 is flax's 0.9.
     BatchNorm has no `axis_name`: under `jax.jit` with the batch sharded over a mesh,
     its mean and variance are already computed over the global batch. It is
-    `batch_norm.BatchNorm` (flax's, with a two-pass backward); `norm(relu=True)` applies
-    the ReLU that follows it inside the same backward.
+    `batch_norm.BatchNorm` (flax's, with a two-pass backward; `batch_norm_backward=
+    'autodiff'` gives flax's own, for measuring the difference); `norm(relu=True)`
+    applies the ReLU that follows it inside the same backward.
     """
+    batch_norm.check_backward(batch_norm_backward)
     conv = functools.partial(
         nn.Conv, use_bias=False, dtype=dtype, param_dtype=param_dtype
     )
     norm = functools.partial(
-        BatchNorm,
+        batch_norm.BACKWARDS[batch_norm_backward],
         use_running_average=not train,
         momentum=norm_momentum,
         epsilon=norm_epsilon,

@@ -387,6 +387,9 @@ class MSFFNet(nn.Module):
     # differentiated (`msff_jax.models.max_pool`) and whether MSP-Conv runs its 1x1
     # convolutions on the block input as one.
     max_pool_backward: str = "gather"
+    # BatchNorm's backward: "two_pass" (batch_norm.BatchNorm) or "autodiff" (flax's own),
+    # the same function; an option so a GPU can measure the difference.
+    batch_norm_backward: str = "two_pass"
     fuse_pointwise: bool = False
     # Computes MSP-Conv and IASM on channel counts padded to multiples of this (1: no
     # padding), for accelerators whose fast low-precision convolutions want aligned
@@ -424,6 +427,7 @@ class MSFFNet(nn.Module):
             param_dtype=self.param_dtype,
             norm_momentum=self.norm_momentum,
             norm_epsilon=self.norm_epsilon,
+            batch_norm_backward=self.batch_norm_backward,
         )
 
         for i, width in enumerate(self.stem_widths):

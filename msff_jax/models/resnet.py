@@ -69,6 +69,9 @@ class ResNet(nn.Module):
     # How the stem's max-pool is differentiated (`msff_jax.models.max_pool`): the two
     # give the same gradient; 'gather' is deterministic and needs no scatter.
     max_pool_backward: str = "gather"
+    # BatchNorm's backward: "two_pass" (batch_norm.BatchNorm) or "autodiff" (flax's own),
+    # the same function; an option so a GPU can measure the difference.
+    batch_norm_backward: str = "two_pass"
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
 
@@ -82,6 +85,7 @@ class ResNet(nn.Module):
             param_dtype=self.param_dtype,
             norm_momentum=self.norm_momentum,
             norm_epsilon=self.norm_epsilon,
+            batch_norm_backward=self.batch_norm_backward,
         )
         x = conv(self.num_filters, (7, 7), (2, 2), padding=torch_padding(7), name="conv1")(x)
         x = norm(name="bn1", relu=True)(x)
