@@ -14,7 +14,16 @@ can only add emphasis, never erase what MSP-Conv found.
 
 Mean and max descriptors come from `exact_max.mean_and_max`: one pass for both, and a
 max gradient that is exact in bfloat16 (jnp.max's miscounts tied maxima there, e.g. an
-all-zero channel after a ReLU).
+all-zero channel after a ReLU). The spatial maps' pass is a single reduction kernel on a
+GPU, which also counts the ties, so their backward is elementwise.
+
+The spatial attention's 7x7 convolution maps 2 channels to 1. As an `nn.Conv` it would
+be three cuDNN calls per block and step, on channel counts no fast kernel is made for;
+it is a `ShiftedConv` (`models/shifted_conv.py`) instead: the same `conv/kernel`
+parameter, initializer and function (so checkpoints and the PyTorch twin's weights
+carry over), computed as 49 shifted multiply-adds per channel that XLA fuses into one
+elementwise kernel, with a hand-written backward (one elementwise kernel for the input
+gradient, one reduction for the weight gradient).
 
 `true_channels` (every module here; None means all): the input's last axis holds
 `true_channels` real channels followed by zero padding (`MSFFNet.channel_alignment`).
@@ -32,6 +41,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from msff_jax.models.exact_max import mean_and_max
+from msff_jax.models.shifted_conv import ShiftedConv
 
 CHANNEL_ATTENTIONS = ("cbam", "eca")
 
@@ -111,7 +121,11 @@ class EfficientChannelAttention(nn.Module):
 
 
 class SpatialAttention(nn.Module):
-    """CBAM spatial attention; returns a `(batch, h, w, 1)` map in (0, 1)."""
+    """CBAM spatial attention; returns a `(batch, h, w, 1)` map in (0, 1).
+
+    `conv` is `nn.Conv(1, (k, k), padding=(k - 1) // 2, use_bias=False)` in parameter
+    and function, computed by `ShiftedConv` (module docstring); `kernel_size` is odd.
+    """
 
     kernel_size: int = 7
     dtype: Any = jnp.float32
@@ -123,12 +137,9 @@ class SpatialAttention(nn.Module):
         channels = _real_channels(x, self.true_channels)
         valid = channels if channels < x.shape[-1] else None
         pooled = jnp.concatenate(mean_and_max(x, axis=-1, keepdims=True, valid=valid), axis=-1)
-        pad = (self.kernel_size - 1) // 2
-        logits = nn.Conv(
+        logits = ShiftedConv(
             1,
             (self.kernel_size, self.kernel_size),
-            padding=((pad, pad), (pad, pad)),
-            use_bias=False,
             dtype=self.dtype,
             param_dtype=self.param_dtype,
             name="conv",
