@@ -27,8 +27,8 @@ def test_pack_round_trips_and_groups_by_decay():
     tree = _tree()
     layout = flat_update.FlatLayout.for_parameters(tree)
     packed = layout.pack(tree)
-    assert packed[flat_update.DECAYED].shape == (1, 24 + 6)  # Rank 2: decay_mask decays it.
-    assert packed[flat_update.OTHERS].shape == (4 + 4 + 2,)
+    assert packed[flat_update.DECAYED].shape == (1, 24 + 6)
+    assert packed[flat_update.OTHERS].shape == (1, 4 + 4 + 2)
     assert optimizers.decay_mask(packed) == {flat_update.DECAYED: True, flat_update.OTHERS: False}
     for a, b in zip(jax.tree.leaves(tree), jax.tree.leaves(layout.unpack(packed))):
         np.testing.assert_array_equal(a, b)

@@ -46,7 +46,14 @@ def make_schedule(config, steps_per_epoch: int) -> optax.Schedule:
 
 
 def decay_mask(params):
-    """True for kernels; False for biases and BatchNorm scales/offsets (ndim <= 1)."""
+    """True for kernels; False for biases and BatchNorm scales/offsets (ndim <= 1).
+
+    The train step updates packed parameters (`flat_update`): there the decayed group is
+    decayed and the other is not."""
+    from msff_jax.train import flat_update
+
+    if flat_update.is_packed_parameters(params):
+        return {group: group == flat_update.DECAYED for group in params}
     return jax.tree.map(lambda p: p.ndim > 1, params)
 
 
