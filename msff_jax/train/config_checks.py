@@ -373,6 +373,14 @@ def _same_data(old_dir, new_dir) -> bool:
         return False
 
 
+def _architecture(overrides) -> dict:
+    """Model overrides without the speed options, which change no parameter or function
+    (`models.SPEED_OPTIONS`): a run resumes under any setting of those."""
+    from msff_jax.models import SPEED_OPTIONS
+
+    return {k: v for k, v in (plain(overrides) or {}).items() if k not in SPEED_OPTIONS}
+
+
 def check_resume(config, workdir: str, *, mode: str = "train") -> None:
     """Refuses a config whose model, widths, classes, image size or data differ from the
     one WORKDIR's checkpoints were trained with (WORKDIR/config.json), before anything in
@@ -399,7 +407,10 @@ def check_resume(config, workdir: str, *, mode: str = "train") -> None:
         if field == "data_dir":
             if not _same_data(old, new):
                 differing.append(f"data_dir {old!r} -> {new!r}")
-        elif plain(old) != plain(new) and not (field == "model_overrides" and not old and not new):
+        elif field == "model_overrides":
+            if _architecture(old) != _architecture(new):
+                differing.append(f"{field} {old!r} -> {new!r}")
+        elif plain(old) != plain(new):
             differing.append(f"{field} {old!r} -> {new!r}")
     if not differing:
         return
