@@ -244,14 +244,14 @@ def run_mode(config, workdir: str, mode: str) -> int | None:
     from msff_jax.train import distributed
 
     distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
+    from msff_jax.train import workdir_lock
+
+    if mode in workdir_lock.WRITING_MODES:  # One run per workdir, before anything is written.
+        workdir_lock.acquire(workdir, wait_secs=config.get("workdir_lock_wait_secs", 0))
     if config.get("demo") and mode in ("train", "eval", "export"):
         from msff_jax.train import demo_data as demo
 
-        if not os.path.isfile(os.path.join(workdir, "data", "shards", "manifest.json")) \
-                and not config.data_dir:
-            console.say(f"demo: generating {config.demo.num_generated} synthetic DeepFashion "
-                        f"images and converting them to shards in {workdir}/data (first run only)")
-        demo.prepare_data(config, workdir)  # Sets config.data_dir; generates only once.
+        demo.prepare_data(config, workdir)  # Sets config.data_dir; says when it generates.
     if mode in ("train", "eval", "export"):
         config_checks.check_resume(config, os.path.abspath(workdir), mode=mode)
     try:
