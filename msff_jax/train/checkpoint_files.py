@@ -16,6 +16,8 @@ from __future__ import annotations
 import json
 import os
 
+from msff_jax import console
+
 SIZES_FILE = "file_sizes.json"
 # Files a step always has, whatever else Orbax writes: the state's tree structure, without
 # which Orbax reads the state as a tree of another shape.
@@ -23,7 +25,7 @@ REQUIRED = ("state/_METADATA",)
 _JSON_NAMES = ("_CHECKPOINT_METADATA", "_METADATA", "metrics")
 
 
-class DamagedCheckpointError(ValueError):
+class DamagedCheckpointError(console.UserError, ValueError):
     """A checkpoint step directory with a file missing, truncated or unreadable."""
 
 
