@@ -11,9 +11,9 @@ own, wait a random time between 0 and the reference's wall time, and
   random); it must exit 0 with no traceback, dead decode worker or leaked shared memory
   in its output;
 - second_launch: start the same command again on the same workdir (the first time with
-  no wait at all: two launches together); the second must be refused with one error
-  line naming the first, or, if the first had ended, find the run finished; the first
-  must exit 0 just as cleanly;
+  no wait at all: two launches together); one of the two must be refused with one error
+  line naming the other, which must exit 0 just as cleanly, or, if the first had ended,
+  the second must find the run finished;
 - sigkill: SIGKILL its main process only (what the OOM killer does);
 
 then the rerun of the same command (sigterm, sigkill) must exit 0 just as cleanly, the
@@ -171,6 +171,17 @@ def _equal(a, b) -> bool:
                                     for x, y in zip(leaves_a, leaves_b))
 
 
+def _clean_exit(code: int, output: str) -> bool:
+    return code == 0 and not _clean(output)
+
+
+def _refused(code: int, output: str, holder_pid: int) -> bool:
+    """Exit 1 with one error line, the refusal naming `holder_pid`, and nothing else wrong."""
+    errors = [line for line in output.splitlines() if line.startswith("error:")]
+    return (code == 1 and len(errors) == 1 and "is in use by another run" in errors[0]
+            and f"pid {holder_pid}," in errors[0] and not _clean(output))
+
+
 def _sigterm_phase(output: str) -> str:
     match = re.search(r"SIGTERM received \(\w+\) during (.+?): ", output)
     if not match:
@@ -180,18 +191,13 @@ def _sigterm_phase(output: str) -> str:
 
 
 def _last_progress(output: str) -> str:
-    """Where a SIGKILLed run was: its last progress line, by kind."""
-    lines = [line for line in output.splitlines() if re.match(r"(step |eval step|done in|demo:|\s+\w+\s)", line)]
-    if not lines:
-        return "before the first progress line"
-    last = lines[-1]
-    if last.startswith("step "):
-        return "after a training step"
-    if last.startswith("eval step"):
-        return "after an evaluation or checkpoint"
-    if last.startswith("done in"):
-        return "after the final report"
-    return "during start-up"
+    """Where a SIGKILLed run was: the kind of its last progress line."""
+    kinds = {"step ": "after a training step", "eval step": "after an evaluation or checkpoint",
+             "done in": "after the final report"}
+    where = "during start-up"
+    for line in output.splitlines():
+        where = next((kind for prefix, kind in kinds.items() if line.startswith(prefix)), where)
+    return where
 
 
 class Soak:
@@ -238,18 +244,17 @@ class Soak:
         second = Run(self.config_path, workdir, self.env, log_path + ".second")
         code2, output2, _ = second.finish()
         code1, output1, _ = first.finish()
-        errors = [line for line in output2.splitlines() if line.startswith("error:")]
         problem = orphans = _orphans(first.process.pid) or _orphans(second.process.pid)
-        if code2 == 1 and len(errors) == 1 and "is in use by another run" in errors[0] \
-                and f"pid {first.process.pid}," in errors[0] and not _clean(output2):
-            where = "refused"
-        elif code2 == 0 and not _clean(output2) and re.search(r"resuming from .* step 12\b", output2):
-            where = "ran after the first ended" + ("" if first_ended else " (during its exit)")
+        if _refused(code2, output2, first.process.pid) and _clean_exit(code1, output1):
+            where = "the second refused"
+        elif _refused(code1, output1, second.process.pid) and _clean_exit(code2, output2):
+            where = "the first refused (started together, the second took the lock)"
+        elif _clean_exit(code1, output1) and _clean_exit(code2, output2) \
+                and re.search(r"resuming from .* step 12\b", output2):
+            where = "the second ran after the first ended" + ("" if first_ended else " (during its exit)")
         else:
             where = "neither refused nor after the first"
-            problem = problem or f"second launch: exit {code2}, {len(errors)} error lines"
-        if problem is None and (code1 != 0 or _clean(output1)):
-            problem = f"first launch: exit {code1}" + (f", '{_clean(output1)}'" if _clean(output1) else "")
+            problem = problem or f"exits {code1} and {code2}, not one clean run and one refusal"
         problem = problem or self._matches(workdir)
         return f"second launch after {delay:.1f} s", where, problem, bool(orphans)
 
@@ -280,6 +285,7 @@ def main(argv=None) -> int:
     root = args.root or tempfile.mkdtemp(prefix="preemption_soak_")
     os.makedirs(root, exist_ok=True)
     rng = random.Random(args.seed)
+    os.environ.setdefault("JAX_PLATFORMS", "cpu")  # This process only reads CPU runs' checkpoints.
     from data_pipeline.conversion import digits
     from msff_jax import console
 

@@ -6,9 +6,6 @@ they would wait forever, re-parented to PID 1, SIGTERM blocked from birth (see
 msff_jax.train.preemption), each holding shared-memory batches, and the multiprocessing
 resource tracker would wait for them. So:
 
-`worker_init_fn(...)` gives grain's `worker_init_fn` doing the first two in each worker,
-and does the third in the process that builds the pipeline.
-
 - a parent watch (in every worker): a thread that checks every half second whether the
   process that started the worker is still its parent, and ends the worker when it is
   not. (Linux's PR_SET_PDEATHSIG is no substitute: it fires when the *thread* that
@@ -22,6 +19,9 @@ and does the third in the process that builds the pipeline.
   whole process group killed at once left in /dev/shm (the tracker died with it) are
   removed when their name proves them ours and their run dead: this project's prefix,
   this PID namespace, and no live process with that pid and start time.
+
+`worker_init_fn(...)` is grain's `worker_init_fn` doing the first two in each worker; it
+does the third itself, in the process that builds the pipeline.
 """
 
 from __future__ import annotations
@@ -30,6 +30,7 @@ import functools
 import os
 import secrets
 import threading
+import time
 from typing import Callable
 
 from absl import logging
@@ -89,8 +90,8 @@ def _worker_init(worker_index: int, worker_count: int, *, also, parent_pid: int)
 
 
 def _watch(parent_pid: int) -> None:
-    stop = threading.Event()
-    while not stop.wait(WATCH_INTERVAL_SECS):
+    while True:
+        time.sleep(WATCH_INTERVAL_SECS)
         if os.getppid() != parent_pid:
             # Nobody reads this worker's batches any more. Its shared memory is still
             # registered with the resource tracker, which removes it once the last worker

@@ -131,10 +131,10 @@ def _cause(err: BaseException) -> tuple[str, str, str | None]:
     for numbers, words, what, remedy in _CAUSES:
         if codes & numbers or any(w in t for w in words for t in texts):
             return what, remedy, path
-    oserror = next((c for c in sorted(codes)), None)
-    if oserror is not None:
-        name = errno.errorcode.get(oserror, str(oserror))
-        return f"an I/O error ({name}: {os.strerror(oserror)})", "fix the storage", path
+    if codes:
+        code = min(codes)
+        return (f"an I/O error ({errno.errorcode.get(code, code)}: {os.strerror(code)})",
+                "fix the storage", path)
     return f"{type(err).__name__}: {_short(err)}", "fix the cause", path
 
 
