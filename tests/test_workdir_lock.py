@@ -49,6 +49,7 @@ def _kill_group(process):
     except ProcessLookupError:
         pass
     process.wait()
+    process.stdout.close()
 
 
 @pytest.fixture

@@ -86,7 +86,7 @@ def test_workers_and_tracker_exit_when_the_main_process_is_killed(digits_dir):
     others = [*started["workers"], started["tracker"]]
     try:
         os.kill(trainer.pid, signal.SIGKILL)
-        trainer.wait()
+        trainer.communicate(timeout=60)  # Returns once the workers and tracker, holding its pipes, are gone.
         assert _wait_gone(others, 30) == []
     finally:
         for pid in others:
@@ -102,7 +102,7 @@ def test_workers_and_tracker_exit_when_the_main_process_is_killed(digits_dir):
 def test_a_later_run_removes_what_a_killed_group_left_and_nothing_else(digits_dir, monkeypatch, tmp_path):
     trainer, started, _ = _start_trainer(digits_dir)
     os.killpg(trainer.pid, signal.SIGKILL)  # Workers and tracker die with it: nobody cleans up.
-    trainer.wait()
+    trainer.communicate(timeout=60)
     assert _wait_gone([*started["workers"], started["tracker"]], 30) == []
     left = _blocks_of(trainer.pid)
     assert left
