@@ -22,7 +22,7 @@ from msff_jax.train import state as train_state_lib
 from tests.test_resume import (REPO, assert_bitwise_equal, launch_args, load_config, run_to_end,
                                subprocess_env, write_tiny_config)
 
-NUM_STEPS = 6  # Checkpoints at steps 3, 5 (an evaluation) and 6; the last two are kept.
+NUM_STEPS = 4  # Checkpoints at steps 3 and 4 (the last, evaluated), both kept.
 
 
 class Position:
@@ -45,14 +45,14 @@ def trained(tmp_path_factory):
     workdir = root / "trained"
     run_to_end(config_path, str(workdir), env)
     steps = sorted(int(n) for n in os.listdir(workdir / "checkpoints") if n.isdigit())
-    assert steps[-2:] == [5, NUM_STEPS], steps
+    assert steps == [3, NUM_STEPS], steps
     config = load_config(config_path)
     model = train_state_lib.build_model(config)
     tx = optimizers.make_optimizer(config, steps_per_epoch=1)  # Only its state's shapes matter.
     abstract = train_state_lib.abstract_train_state(config, model, tx, mesh_lib.make_mesh(config.mesh_shape),
                                                     jax.random.PRNGKey(0))
     return dict(root=root, config_path=config_path, config=config, env=env, workdir=workdir,
-                abstract=abstract, states={step: _restore(workdir, config, abstract, step) for step in (5, 6)})
+                abstract=abstract, states={step: _restore(workdir, config, abstract, step) for step in steps})
 
 
 def _restore(workdir, config, abstract, step=None):
@@ -94,11 +94,11 @@ def test_each_file_of_a_step_missing_or_cut_short_sets_the_step_aside(trained, t
             step, state, position = _restore(workdir, trained["config"], trained["abstract"])
             # Without the list itself, the step's files cannot be compared, but every other
             # file is intact: the step restores as it was.
-            expected = NUM_STEPS if (relative, how) == (checkpoint_files.SIZES_FILE, "removed") else 5
+            expected = NUM_STEPS if (relative, how) == (checkpoint_files.SIZES_FILE, "removed") else 3
             named = re.search(rf"checkpoints/{NUM_STEPS} (cannot be restored|is damaged).*{re.escape(relative)}",
                               caplog.text)
             set_aside = os.path.isdir(workdir / checkpointing.DAMAGED_DIR / str(NUM_STEPS))
-            if step != expected or (expected == 5) != bool(named and set_aside):
+            if step != expected or (expected == 3) != bool(named and set_aside):
                 wrong.append(f"{relative} {how}: restored step {step}, named {bool(named)}, set aside {set_aside}")
                 continue
             _, reference, reference_position = trained["states"][expected]
@@ -115,6 +115,6 @@ def test_resume_after_the_tree_metadata_of_the_last_step_is_lost(trained, tmp_pa
     os.remove(workdir / "eval_results.json")
     log = run_to_end(trained["config_path"], str(workdir), trained["env"], "--verbosity=0")
     assert re.search(rf"checkpoints/{NUM_STEPS} cannot be restored.*state/_METADATA is missing", log), log[-3000:]
-    assert f"resuming from {checkpointing.checkpoint_dir(str(workdir))} step 5" in log
+    assert f"resuming from {checkpointing.checkpoint_dir(str(workdir))} step 3" in log
     assert os.path.isfile(workdir / "eval_results.json")
     assert os.path.isdir(workdir / checkpointing.DAMAGED_DIR / str(NUM_STEPS))

@@ -210,11 +210,7 @@ def test_training_into_a_read_only_checkpoints_dir_stops_with_one_line(tiny_run)
     line = _one_error_line(failed.stderr)
     assert re.match(rf"error: saving step 3 under {re.escape(str(workdir))}/checkpoints failed: permission "
                     r"denied at .*checkpoints/3\S*: .*\(none\) are intact.*make it writable", line), line
-    os.chmod(workdir / "checkpoints", 0o755)
-    rerun = subprocess.run(launch_args(config_path, str(workdir)), cwd=REPO, env=env, capture_output=True,
-                           text=True, timeout=600)
-    assert rerun.returncode == 0, rerun.stderr[-3000:]
-    assert (workdir / "eval_results.json").is_file()
+    assert os.listdir(workdir / "checkpoints") == []  # The rerun, once it is writable: above.
 
 
 def test_sigterm_while_a_failing_save_is_pending_ends_the_run_at_once(tiny_run):

@@ -38,12 +38,13 @@ def prepare_data(config, workdir: str) -> str:
         try:
             _make_unless_there(config, shards_dir)
             outcome = "ready"
-        except console.UserError as err:
+        except Exception as err:  # The others stop too, with the same message.
             distributed.from_primary("demo_data", f"error:{err}", timeout_secs=0)
             raise
     outcome = distributed.from_primary("demo_data", outcome, timeout_secs=6 * 3600)
     if outcome.startswith("error:"):
-        raise console.PathError(outcome.removeprefix("error:"))
+        raise console.UserError(f"process 0 could not make the demo data: "
+                                f"{outcome.removeprefix('error:')}")
     return shards_dir
 
 

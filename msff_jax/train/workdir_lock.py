@@ -68,14 +68,18 @@ def acquire(workdir: str, *, wait_secs: float = 0.0) -> None:
         try:
             _acquire_here(workdir, wait_secs)
             outcome = "held"
-        except WorkdirBusyError as err:
-            outcome = f"refused:{err}"
-            distributed.from_primary(f"workdir_lock/{number}", outcome, timeout_secs=0)
+        except Exception as err:  # The others stop too, with the same message.
+            refused = isinstance(err, WorkdirBusyError)
+            distributed.from_primary(f"workdir_lock/{number}",
+                                     f"{'refused' if refused else 'failed'}:{err}", timeout_secs=0)
             raise
     outcome = distributed.from_primary(f"workdir_lock/{number}", outcome,
                                        timeout_secs=max(0.0, wait_secs) + 300)
     if outcome.startswith("refused:"):
         raise WorkdirBusyError(outcome.removeprefix("refused:"))
+    if outcome.startswith("failed:"):
+        raise RuntimeError(f"process 0 could not take the lock of {workdir}: "
+                           f"{outcome.removeprefix('failed:')}")
 
 
 def release(workdir: str) -> None:
