@@ -143,6 +143,7 @@ def get_config(model: str | None = None) -> ml_collections.ConfigDict:
     config.checkpoint.every_steps = 1000
     config.checkpoint.keep = 3  # The latest k, plus the best by validation macro-F1.
     config.checkpoint.asynchronous = True  # Write while training continues.
+    config.workdir_lock_wait_secs = 0  # Wait for a run holding the workdir (requeues); 0: refuse.
     config.profile = ml_collections.ConfigDict()
     config.profile.enabled = False  # A trace in WORKDIR/tensorboard for TensorBoard's profiler.
     config.profile.first_step = 10

@@ -154,6 +154,8 @@ RULES: tuple[Rule, ...] = (
     _integer("checkpoint.every_steps", 0, MAX_STEPS, 1000,
              meaning="0: only at evaluations, on preemption and at the end"),
     _integer("checkpoint.keep", 1, 1_000_000, 3),
+    _number("workdir_lock_wait_secs", 0.0, 7 * 24 * 3600.0, 600,
+            meaning="how long a launch waits for a run holding the workdir; 0 refuses at once"),
     _integer("profile.first_step", 1, MAX_STEPS, 10),
     _integer("profile.num_steps", 1, 1_000_000, 5),
     Rule("plan.num_devices", lambda v, c: _is_int(v) and (1 <= v <= 8 or (8 < v <= 65_536 and v % 8 == 0)),
