@@ -94,6 +94,9 @@ RULES: tuple[Rule, ...] = (
     _integer("num_classes", 2, 1_000_000, 15, meaning="the classifier's outputs"),
     _integer("image_size", 1, 4096, 224, meaning="the side of the square crops in pixels, at "
              "least the model's total stride"),
+    _integer("model_overrides.channel_alignment", 1, 128, 8,
+             meaning="MSFF models compute MSP-Conv and IASM on channel counts padded to a "
+                     "multiple of it; 1: no padding"),
     _numbers("mean_rgb", 3, 0.0, 255.0, (123.675, 116.28, 103.53),
              requirement="3 numbers from 0 to 255 (R, G, B on the 0..255 scale)",
              meaning="0 leaves a channel uncentred"),
