@@ -413,3 +413,17 @@ def test_a_table_that_cannot_be_read_stops_the_run(tmp_path, name, content, mess
     (tmp_path / name).write_bytes(content)
     with pytest.raises(CatalogueError, match=re.escape(message)):
         _convert(tmp_path / "photos", tmp_path / "out", table=tmp_path / name, skip_bad=True)
+
+
+def test_a_missing_file_is_one_kind_whichever_step_finds_it(tmp_path):
+    """A table's missing row is found when listing, a folder's dangling link when reading:
+    the report counts both under one kind, in the words the error message uses."""
+    root = tmp_path / "photos"
+    _three_classes(root)
+    os.symlink(tmp_path / "gone.jpg", root / "cap" / "gone.jpg")
+    _, folders = _convert(root, tmp_path / "folders", skip_bad=True)
+    table = tmp_path / "catalogue.csv"
+    table.write_text("path,label\n" + "".join(f"{name}/{i}.jpg,{name}\n" for name in ("cap", "mug", "tee")
+                                              for i in range(4)) + "cap/gone.jpg,cap\n")
+    _, listed = _convert(root, tmp_path / "table", table=table, skip_bad=True)
+    assert folders["skipped_by_kind"] == listed["skipped_by_kind"] == {"missing file": 1}

@@ -51,7 +51,7 @@ class Problem:
 
     where: str
     reason: str
-    kind: str  # a short key the report counts by
+    kind: str  # a few words the report and the error message count by, one spelling a kind
     images: int = 1  # how many images it stands for (a whole folder or class: more)
 
 
@@ -109,7 +109,7 @@ def _scan_class_folders(root: str, top: str, split: Optional[str], group_subfold
             for name in files:
                 relative = _relative(root, os.path.join(directory, name))
                 if is_image_name(name) and not _hidden(name):
-                    found.problems.append(Problem(relative, "image outside any class folder", "no_class"))
+                    found.problems.append(Problem(relative, "image outside any class folder", "no class folder"))
                 else:
                     found.ignored.append(relative)
             continue
@@ -150,7 +150,7 @@ def discover_folders(root: str, *, group_subfolders: bool = True) -> Discovery:
                 relative = _relative(root, os.path.join(directory, name))
                 if is_image_name(name) and not _hidden(name):
                     found.problems.append(Problem(relative, "image outside any split and class folder",
-                                                  "no_class"))
+                                                  "no class folder"))
                 else:
                     found.ignored.append(relative)
             break
@@ -257,32 +257,32 @@ def discover_table(root: str, table: str, columns: Columns) -> Discovery:
     for line, row in rows:
         where = f"{name} line {line}"
         if isinstance(row, str):
-            found.problems.append(Problem(where, row, "bad_row"))
+            found.problems.append(Problem(where, row, "bad row"))
             continue
         raw_path, label = _value(row, columns.path), _value(row, columns.label)
         if not raw_path or not label:
             empty = columns.path if not raw_path else columns.label
-            found.problems.append(Problem(where, f"no value in column {empty!r}", "bad_row"))
+            found.problems.append(Problem(where, f"no value in column {empty!r}", "bad row"))
             continue
         path = clean_relative_path(raw_path)
         if path is None:
             found.problems.append(Problem(f"{where} ({raw_path})", "the path leaves the image root; "
-                                          "paths are relative to --image_root", "outside_root"))
+                                          "paths are relative to --image_root", "outside the root"))
             continue
         split = None
         if columns.split:
             split = _SPLIT_SPELLINGS.get(_value(row, columns.split).lower())
             if split is None:
                 found.problems.append(Problem(where, f"split {_value(row, columns.split)!r} is not train, val "
-                                              "or test", "bad_row"))
+                                              "or test", "bad row"))
                 continue
         if path in first_line:
             found.problems.append(Problem(f"{where} ({path})", f"the same file again (first at line "
-                                          f"{first_line[path]})", "repeated_row"))
+                                          f"{first_line[path]})", "repeated row"))
             continue
         first_line[path] = line
         if not os.path.isfile(os.path.join(root, path)):
-            found.problems.append(Problem(f"{where} ({path})", f"file missing under {root}", "missing_file"))
+            found.problems.append(Problem(f"{where} ({path})", f"file missing under {root}", "missing file"))
             continue
         group = _value(row, columns.group) if columns.group else ""
         found.entries.append(Entry(path, label, group or None, split, f"{where} ({path})"))
@@ -303,12 +303,12 @@ def restrict_to_classes(found: Discovery, classes: Sequence[str]) -> None:
     listed = ", ".join(classes)
     if found.layout == "table":
         found.problems += [Problem(e.where, f"label {e.label!r} is not one of --classes ({listed})",
-                                   "unknown_label") for e in outside]
+                                   "unknown label") for e in outside]
         return
     by_folder: dict[str, int] = {}
     for entry in outside:
         folder = "/".join(entry.path.split("/")[:2 if entry.split else 1])  # [split/]class
         by_folder[folder] = by_folder.get(folder, 0) + 1
     found.problems += [Problem(f"{folder}/", f"class folder {folder.split('/')[-1]!r} is not one of "
-                               f"--classes ({listed})", "unknown_label", images=n)
+                               f"--classes ({listed})", "unknown label", images=n)
                        for folder, n in sorted(by_folder.items())]
