@@ -427,3 +427,23 @@ def test_a_missing_file_is_one_kind_whichever_step_finds_it(tmp_path):
                                               for i in range(4)) + "cap/gone.jpg,cap\n")
     _, listed = _convert(root, tmp_path / "table", table=table, skip_bad=True)
     assert folders["skipped_by_kind"] == listed["skipped_by_kind"] == {"missing file": 1}
+
+
+def test_a_folder_that_cannot_be_listed_is_named_not_passed_over(tmp_path, monkeypatch):
+    """os.walk passes over a folder it cannot list; its class would vanish without a word.
+    (The tests run as root, whom permissions do not stop, so listing is made to fail.)"""
+    root = tmp_path / "photos"
+    _three_classes(root)
+    listing = os.scandir
+
+    def scandir(path="."):
+        if os.fspath(path) == os.fspath(root / "mug"):
+            raise PermissionError(13, "Permission denied", os.fspath(path))
+        return listing(path)
+
+    monkeypatch.setattr(os, "scandir", scandir)
+    with pytest.raises(CatalogueError, match=r"^mug/: cannot list the folder \(Permission denied\); fix it"):
+        _convert(root, tmp_path / "out")
+    manifest, report = _convert(root, tmp_path / "out", skip_bad=True)
+    assert manifest["class_names"] == ["cap", "tee"]
+    assert report["skipped_by_kind"] == {"unreadable folder": 1}

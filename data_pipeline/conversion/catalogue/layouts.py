@@ -74,14 +74,21 @@ def _hidden(name: str) -> bool:
     return name.startswith(".")
 
 
-def _walk(top: str) -> Iterator[tuple[str, list[str], list[str]]]:
+def _walk(root: str, top: str, found: Discovery) -> Iterator[tuple[str, list[str], list[str]]]:
     """os.walk in sorted order (the result must not depend on the file system's order),
     yielding `(folder, subfolders not entered, files)`. It follows links to folders, as
     people build datasets out of links, but enters no folder twice (a second link to it,
-    or a link cycle), and no hidden folder; the caller lists those as ignored."""
+    or a link cycle), and no hidden folder; the caller lists those as ignored. A folder
+    that cannot be listed (os.walk would pass over it without a word) is a problem in
+    `found`: its images would be missing from the dataset."""
     status = os.stat(top)
     seen = {(status.st_dev, status.st_ino)}
-    for directory, folders, files in os.walk(top, followlinks=True):
+
+    def unreadable(err: OSError) -> None:
+        found.problems.append(Problem(_relative(root, err.filename) + "/", "cannot list the folder "
+                                      f"({err.strerror or err})", "unreadable folder", images=0))
+
+    for directory, folders, files in os.walk(top, followlinks=True, onerror=unreadable):
         entered, passed = [], []
         for name in sorted(folders):
             status = os.stat(os.path.join(directory, name))
@@ -102,7 +109,7 @@ def _relative(root: str, path: str) -> str:
 def _scan_class_folders(root: str, top: str, split: Optional[str], group_subfolders: bool,
                         found: Discovery) -> None:
     """Adds the images of `top/<class>/**` to `found`."""
-    for directory, passed, files in _walk(top):
+    for directory, passed, files in _walk(root, top, found):
         depth = len(os.path.relpath(directory, top).split(os.sep)) if directory != top else 0
         found.ignored += [_relative(root, os.path.join(directory, p)) + "/" for p in passed]
         if depth == 0:
@@ -144,7 +151,7 @@ def discover_folders(root: str, *, group_subfolders: bool = True) -> Discovery:
     if not user_split:
         _scan_class_folders(root, root, None, group_subfolders, found)
     else:
-        for directory, passed, files in _walk(root):  # the root itself: loose files only
+        for directory, passed, files in _walk(root, root, found):  # the root itself: loose files only
             found.ignored += [_relative(root, os.path.join(directory, p)) + "/" for p in passed]
             for name in files:
                 relative = _relative(root, os.path.join(directory, name))
