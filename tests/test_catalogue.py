@@ -447,3 +447,10 @@ def test_a_folder_that_cannot_be_listed_is_named_not_passed_over(tmp_path, monke
     manifest, report = _convert(root, tmp_path / "out", skip_bad=True)
     assert manifest["class_names"] == ["cap", "tee"]
     assert report["skipped_by_kind"] == {"unreadable folder": 1}
+
+
+def test_imbalance_statement_of_equal_classes_names_no_class_twice(tmp_path):
+    _three_classes(tmp_path / "photos")
+    _, report = _convert(tmp_path / "photos", tmp_path / "out")
+    assert report["class_imbalance"]["statement"] == ("Every class has 2 training images. That is close to "
+                                                      "balanced.")
