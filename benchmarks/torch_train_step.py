@@ -72,15 +72,19 @@ def recipe_from_config(config, steps_per_epoch: int = NOMINAL_STEPS_PER_EPOCH) -
     """The recipe of a training config (`configs/default.py` and its variants).
 
     The schedule's numbers follow `optimizers.make_schedule`; parts of the JAX step this
-    twin does not repeat (AdamW, micro-batches, the EMA) are refused, not ignored.
+    twin does not repeat (AdamW, micro-batches, the EMA, class weights in the loss) are
+    refused, not ignored.
     """
     opt = config.optimizer
+    class_weights = config.get("class_weights", "none")
     refusals = (
         ("optimizer.name", opt.name, opt.name != "sgd", "the twin implements SGD only"),
         ("grad_accum_steps", config.grad_accum_steps, int(config.grad_accum_steps) != 1,
          "the twin takes the whole batch in one step"),
         ("ema_decay", config.ema_decay, config.ema_decay > 0,
          "the twin keeps no EMA of the parameters"),
+        ("class_weights", class_weights, class_weights != "none",
+         "the twin's loss weighs every image the same"),
     )
     for field, value, refused, why in refusals:
         if refused:

@@ -217,6 +217,7 @@ def test_schedule_is_optax_warmup_cosine():
     ({"optimizer.name": "adamw"}, "config.optimizer.name='adamw': the twin implements SGD only"),
     ({"grad_accum_steps": 2}, "config.grad_accum_steps=2"),
     ({"ema_decay": 0.999}, "config.ema_decay=0.999: the twin keeps no EMA"),
+    ({"class_weights": "balanced"}, "config.class_weights='balanced': the twin's loss weighs every"),
 ])
 def test_work_the_twin_does_not_do_is_refused(changes, message):
     with pytest.raises(ValueError, match=re.escape(message)):
