@@ -49,12 +49,7 @@ def recipe_config(**changes):
     config.optimizer.warmup_epochs = 1  # Two warm-up steps: learning rates 0, then 0.05.
     config.optimizer.weight_decay = 0.05
     config.num_train_steps = 10
-    for key, value in changes.items():
-        node = config
-        *path, leaf = key.split(".")
-        for part in path:
-            node = node[part]
-        node[leaf] = value
+    config.update_from_flattened_dict(changes)
     return config
 
 
