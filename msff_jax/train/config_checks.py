@@ -275,7 +275,8 @@ def check_fields(config, *, mode: str = "train") -> None:
     check_rules(config)
     check_model(config)
     for field, known in (("optimizer.name", optimizers.OPTIMIZER_NAMES),
-                         ("data.image_backend", transforms.BACKENDS)):
+                         ("data.image_backend", transforms.BACKENDS),
+                         ("class_weights", class_weights.KINDS)):
         found, value = _lookup(config, field)
         if found and value not in known:
             raise ConfigValueError(f"config.{field}={value!r} is unknown; use one of {known}.")
