@@ -454,3 +454,23 @@ def test_imbalance_statement_of_equal_classes_names_no_class_twice(tmp_path):
     _, report = _convert(tmp_path / "photos", tmp_path / "out")
     assert report["class_imbalance"]["statement"] == ("Every class has 2 training images. That is close to "
                                                       "balanced.")
+
+
+def test_near_duplicates_are_sought_among_distinct_files_only(monkeypatch):
+    """A placeholder picture repeated n times is one file for the perceptual search (its
+    copies are exact duplicates), not n^2/2 pairs; the sets found stay the same."""
+    from data_pipeline.conversion.catalogue import duplicates
+
+    searched = []
+    close_pairs = perceptual_hash.close_pairs
+    monkeypatch.setattr(perceptual_hash, "close_pairs",
+                        lambda hashes, bits: searched.append(len(hashes)) or close_pairs(hashes, bits))
+    placeholder, photo, resized, other = 0x0F0F0F0F0F0F0F0F, 0x123456789ABCDEF0, 0x123456789ABCDEF1, 0xFFFF0000FFFF0000
+    sha256s = ["p"] * 50 + ["a", "b", "c"]
+    hashes = [placeholder] * 50 + [photo, resized, other]
+    sets = duplicates.near_duplicate_sets(sha256s, hashes, 6)
+    assert searched == [4]
+    assert sets == [duplicates.NearDuplicateSet((50, 51), 1)]
+    # A resized copy of the placeholder joins the set with every copy of it.
+    sets = duplicates.near_duplicate_sets(sha256s + ["q"], hashes + [placeholder ^ 3], 6)
+    assert sets[0] == duplicates.NearDuplicateSet(tuple(range(50)) + (53,), 2)
