@@ -505,8 +505,8 @@ def evaluate_checkpoint(config, workdir: str, *, which: str = "best", split: str
                                           process_count=jax.process_count(), mode="eval")
     split = split or config.eval_split
     if split not in manifest["splits"]:
-        raise console.ConfigError(f"--eval_split={split!r} is not in {config.data_dir}/manifest.json (it "
-                         f"has {sorted(manifest['splits'])}).")
+        raise console.ConfigError(f"--eval_split={split!r} is not in {config.data_dir}/manifest.json "
+                                  f"(it has {sorted(manifest['splits'])}).")
     mesh = mesh_lib.make_mesh(config.mesh_shape)
     variables, step = checkpointing.restore_for_inference(config, workdir, which=which, mesh=mesh)
     writer = metric_writers.create_default_writer(
