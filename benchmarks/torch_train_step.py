@@ -71,27 +71,30 @@ class TrainRecipe:
 def recipe_from_config(config, steps_per_epoch: int = NOMINAL_STEPS_PER_EPOCH) -> TrainRecipe:
     """The recipe of a training config (`configs/default.py` and its variants).
 
-    The schedule's numbers follow `optimizers.make_schedule`; parts of the JAX step this
-    twin does not repeat (AdamW, micro-batches, the EMA) are refused, not ignored.
+    The schedule's step counts are `optimizers.make_schedule`'s (`schedule_steps`);
+    parts of the JAX step this twin does not repeat (AdamW, micro-batches, the EMA, class
+    weights in the loss) are refused, not ignored.
     """
     opt = config.optimizer
+    class_weights = config.get("class_weights", "none")
     refusals = (
         ("optimizer.name", opt.name, opt.name != "sgd", "the twin implements SGD only"),
         ("grad_accum_steps", config.grad_accum_steps, int(config.grad_accum_steps) != 1,
          "the twin takes the whole batch in one step"),
         ("ema_decay", config.ema_decay, config.ema_decay > 0,
          "the twin keeps no EMA of the parameters"),
+        ("class_weights", class_weights, class_weights != "none",
+         "the twin's loss weighs every image the same"),
     )
     for field, value, refused, why in refusals:
         if refused:
             raise ValueError(f"config.{field}={value!r}: {why}; use the default recipe's value")
-    total = optimizers.total_train_steps(config, steps_per_epoch)
-    warmup = min(int(round(opt.warmup_epochs * steps_per_epoch)), total)
+    warmup, decay = optimizers.schedule_steps(config, steps_per_epoch)
     return TrainRecipe(
         label_smoothing=float(config.label_smoothing),
         peak_learning_rate=float(optimizers.peak_learning_rate(config)),
         warmup_steps=warmup,
-        decay_steps=max(total, warmup + 1),
+        decay_steps=decay,
         end_learning_rate=float(opt.end_learning_rate),
         momentum=float(opt.momentum or 0.0),
         nesterov=bool(opt.nesterov),

@@ -413,3 +413,64 @@ def test_a_table_that_cannot_be_read_stops_the_run(tmp_path, name, content, mess
     (tmp_path / name).write_bytes(content)
     with pytest.raises(CatalogueError, match=re.escape(message)):
         _convert(tmp_path / "photos", tmp_path / "out", table=tmp_path / name, skip_bad=True)
+
+
+def test_a_missing_file_is_one_kind_whichever_step_finds_it(tmp_path):
+    """A table's missing row is found when listing, a folder's dangling link when reading:
+    the report counts both under one kind, in the words the error message uses."""
+    root = tmp_path / "photos"
+    _three_classes(root)
+    os.symlink(tmp_path / "gone.jpg", root / "cap" / "gone.jpg")
+    _, folders = _convert(root, tmp_path / "folders", skip_bad=True)
+    table = tmp_path / "catalogue.csv"
+    table.write_text("path,label\n" + "".join(f"{name}/{i}.jpg,{name}\n" for name in ("cap", "mug", "tee")
+                                              for i in range(4)) + "cap/gone.jpg,cap\n")
+    _, listed = _convert(root, tmp_path / "table", table=table, skip_bad=True)
+    assert folders["skipped_by_kind"] == listed["skipped_by_kind"] == {"missing file": 1}
+
+
+def test_a_folder_that_cannot_be_listed_is_named_not_passed_over(tmp_path, monkeypatch):
+    """os.walk passes over a folder it cannot list; its class would vanish without a word.
+    (The tests run as root, whom permissions do not stop, so listing is made to fail.)"""
+    root = tmp_path / "photos"
+    _three_classes(root)
+    listing = os.scandir
+
+    def scandir(path="."):
+        if os.fspath(path) == os.fspath(root / "mug"):
+            raise PermissionError(13, "Permission denied", os.fspath(path))
+        return listing(path)
+
+    monkeypatch.setattr(os, "scandir", scandir)
+    with pytest.raises(CatalogueError, match=r"^mug/: cannot list the folder \(Permission denied\); fix it"):
+        _convert(root, tmp_path / "out")
+    manifest, report = _convert(root, tmp_path / "out", skip_bad=True)
+    assert manifest["class_names"] == ["cap", "tee"]
+    assert report["skipped_by_kind"] == {"unreadable folder": 1}
+
+
+def test_imbalance_statement_of_equal_classes_names_no_class_twice(tmp_path):
+    _three_classes(tmp_path / "photos")
+    _, report = _convert(tmp_path / "photos", tmp_path / "out")
+    assert report["class_imbalance"]["statement"] == ("Every class has 2 training images. That is close to "
+                                                      "balanced.")
+
+
+def test_near_duplicates_are_sought_among_distinct_files_only(monkeypatch):
+    """A placeholder picture repeated n times is one file for the perceptual search (its
+    copies are exact duplicates), not n^2/2 pairs; the sets found stay the same."""
+    from data_pipeline.conversion.catalogue import duplicates
+
+    searched = []
+    close_pairs = perceptual_hash.close_pairs
+    monkeypatch.setattr(perceptual_hash, "close_pairs",
+                        lambda hashes, bits: searched.append(len(hashes)) or close_pairs(hashes, bits))
+    placeholder, photo, resized, other = 0x0F0F0F0F0F0F0F0F, 0x123456789ABCDEF0, 0x123456789ABCDEF1, 0xFFFF0000FFFF0000
+    sha256s = ["p"] * 50 + ["a", "b", "c"]
+    hashes = [placeholder] * 50 + [photo, resized, other]
+    sets = duplicates.near_duplicate_sets(sha256s, hashes, 6)
+    assert searched == [4]
+    assert sets == [duplicates.NearDuplicateSet((50, 51), 1)]
+    # A resized copy of the placeholder joins the set with every copy of it.
+    sets = duplicates.near_duplicate_sets(sha256s + ["q"], hashes + [placeholder ^ 3], 6)
+    assert sets[0] == duplicates.NearDuplicateSet(tuple(range(50)) + (53,), 2)

@@ -86,3 +86,16 @@ def test_checks_name_the_field_and_the_manifest(tmp_path):
         class_weights.check(config, manifest)
     config.class_weights = "none"
     class_weights.check(config, manifest)  # nothing needed from the manifest
+
+
+def test_an_unknown_kind_is_refused_with_the_other_names_before_any_data():
+    """A typo is found with the config rules (exit 2), not after the demo data is made
+    and the manifest read."""
+    from msff_jax.console import ConfigValueError
+    from msff_jax.train import config_checks
+
+    config = default.get_config()
+    config.class_weights = "balnced"
+    with pytest.raises(ConfigValueError, match=r"config.class_weights='balnced' is unknown; use one of "
+                                               r"\('none', 'balanced', 'sqrt'\)"):
+        config_checks.check_fields(config)

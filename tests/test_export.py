@@ -307,7 +307,8 @@ def test_paths_in_export_json_stay_inside_the_export(exported, tmp_path, key, va
     (lambda m: m["artifact"].update(sha256="abc"), r"artifact.sha256 must be 64 hexadecimal digits"),
     (lambda m: m["artifact"].pop("normalization"), r"artifact.normalization is missing; run launch.py"),
     (lambda m: m.update(variables=["variables"]), r"variables must be an object"),
-], ids=["class_names", "num_classes", "dtype", "sha256", "normalization", "variables"])
+    (lambda m: m.update(preprocessing=5), r"preprocessing must be an object, got 5"),
+], ids=["class_names", "num_classes", "dtype", "sha256", "normalization", "variables", "preprocessing"])
 def test_a_bad_key_is_named(exported, tmp_path, change, message):
     copy = shutil.copytree(exported[0], tmp_path / "export")
     path = copy / export.METADATA_FILE

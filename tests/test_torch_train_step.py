@@ -49,12 +49,7 @@ def recipe_config(**changes):
     config.optimizer.warmup_epochs = 1  # Two warm-up steps: learning rates 0, then 0.05.
     config.optimizer.weight_decay = 0.05
     config.num_train_steps = 10
-    for key, value in changes.items():
-        node = config
-        *path, leaf = key.split(".")
-        for part in path:
-            node = node[part]
-        node[leaf] = value
+    config.update_from_flattened_dict(changes)
     return config
 
 
@@ -217,6 +212,7 @@ def test_schedule_is_optax_warmup_cosine():
     ({"optimizer.name": "adamw"}, "config.optimizer.name='adamw': the twin implements SGD only"),
     ({"grad_accum_steps": 2}, "config.grad_accum_steps=2"),
     ({"ema_decay": 0.999}, "config.ema_decay=0.999: the twin keeps no EMA"),
+    ({"class_weights": "balanced"}, "config.class_weights='balanced': the twin's loss weighs every"),
 ])
 def test_work_the_twin_does_not_do_is_refused(changes, message):
     with pytest.raises(ValueError, match=re.escape(message)):

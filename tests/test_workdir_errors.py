@@ -116,7 +116,8 @@ def _tiny_config(data_dir, **changes):
     return config
 
 
-@pytest.mark.parametrize("exists", [False, True], ids=["new_workdir", "empty_workdir"])
+@pytest.mark.parametrize("exists", [False, True, "nested"], ids=["new_workdir", "empty_workdir",
+                                                              "new_parents"])
 def test_a_start_on_damaged_data_leaves_a_fresh_workdir_as_it_was(digits_dir, tmp_path, exists):
     damaged = tmp_path / "damaged"
     shutil.copytree(digits_dir, damaged)
@@ -124,15 +125,17 @@ def test_a_start_on_damaged_data_leaves_a_fresh_workdir_as_it_was(digits_dir, tm
     data = bytearray(shard.read_bytes())
     data[100] ^= 0x10
     shard.write_bytes(bytes(data))
-    workdir = tmp_path / "run"
-    if exists:
+    # "nested": the folders above the workdir are new too (runs/catalogue/run1).
+    workdir = tmp_path / "runs" / "a" / "run" if exists == "nested" else tmp_path / "run"
+    if exists is True:
         workdir.mkdir()
     with pytest.raises(Exception) as error:
         train.train_and_evaluate(_tiny_config(damaged), str(workdir))
     message, status = console.describe_exception(error.value)
     assert status == 1 and "unexpected" not in message and shard.name in message
     assert "re-run the conversion" in message
-    assert workdir.exists() == exists and (not exists or _listing(workdir) == [])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["damaged"] + (["run"] if exists is True else [])
+    assert exists is not True or _listing(workdir) == []
 
 
 def test_an_unreadable_shard_is_named_with_advice_and_the_workdir_left_as_it_was(

@@ -19,8 +19,6 @@ SUPPORTED_FORMAT_VERSIONS = (1,)
 _CHUNK = 1 << 20
 
 
-
-
 class ManifestError(ValueError):
     """`manifest.json` is missing a field, holds a wrong type, or names an unknown split."""
 

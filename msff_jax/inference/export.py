@@ -376,8 +376,9 @@ def load_metadata(export_dir: Path) -> dict:
                           f"the supported {FORMAT_VERSION}; run launch.py --mode export on "
                           "the training workdir again to rewrite it")
     missing = [key for key in _REQUIRED_KEYS if key not in metadata]
+    prep = metadata.get("preprocessing")  # Not an object: the schema check names it.
     missing += [f"preprocessing.{key}" for key in _REQUIRED_PREPROCESSING
-                if key not in (metadata.get("preprocessing") or {})]
+                if isinstance(prep, dict) and key not in prep]
     if missing:
         raise ExportError(f"{path}: missing keys {missing}")
     _check_schema(path, metadata)

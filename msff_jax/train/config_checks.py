@@ -72,9 +72,10 @@ def _number(field: str, low: float, high: float, example, *, low_open: bool = Fa
                 example if callable(example) else (lambda c: example), meaning)
 
 
-def _numbers(field: str, count: int, low: float, high: float, example, *,
-             low_open: bool = False, ordered: bool = False, meaning: str = "",
-             requirement: str = "") -> Rule:
+def _numbers(field: str, count: int, low: float, high: float, example, *, requirement: str,
+             low_open: bool = False, ordered: bool = False, meaning: str = "") -> Rule:
+    """A tuple of `count` numbers in [low, high] (`low_open`: above low), ascending when
+    `ordered`; `requirement` says so in words (no default: a tuple's rule needs them)."""
     def allows(value, config):
         return (isinstance(value, (tuple, list)) and len(value) == count
                 and all(_is_number(v) and (low < v if low_open else low <= v) and v <= high
@@ -280,7 +281,8 @@ def check_fields(config, *, mode: str = "train") -> None:
     check_rules(config)
     check_model(config)
     for field, known in (("optimizer.name", optimizers.OPTIMIZER_NAMES),
-                         ("data.image_backend", transforms.BACKENDS)):
+                         ("data.image_backend", transforms.BACKENDS),
+                         ("class_weights", class_weights.KINDS)):
         found, value = _lookup(config, field)
         if found and value not in known:
             raise ConfigValueError(f"config.{field}={value!r} is unknown; use one of {known}.")

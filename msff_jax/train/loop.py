@@ -198,19 +198,21 @@ def _write_config(config, workdir: str) -> None:
 @contextlib.contextmanager
 def _undone_if_start_fails(workdir: str):
     """A start that fails (weights that do not fit, an unreadable shard) leaves a fresh
-    workdir as it was: the folders this start created are removed while still empty.
-    Nothing else is written before the start succeeds (config.json and TensorBoard
-    come after it)."""
-    existed = {path: os.path.lexists(path)
-               for path in (workdir, checkpointing.checkpoint_dir(workdir))}
+    workdir as it was: the folders this start created (checkpoints/, the workdir, and
+    any new folders above it) are removed while still empty. Nothing else is written
+    before the start succeeds (config.json and TensorBoard come after it)."""
+    created = []  # deepest first
+    path = checkpointing.checkpoint_dir(workdir)
+    while not os.path.lexists(path) and os.path.dirname(path) != path:
+        created.append(path)
+        path = os.path.dirname(path)
     try:
         yield
     except BaseException:
         if distributed.is_primary():
-            for path in sorted(existed, reverse=True):  # checkpoints/ before the workdir
-                if not existed[path]:
-                    with contextlib.suppress(OSError):
-                        os.rmdir(path)  # Only when empty.
+            for path in created:
+                with contextlib.suppress(OSError):
+                    os.rmdir(path)  # Only when empty.
         raise
 
 
@@ -505,8 +507,8 @@ def evaluate_checkpoint(config, workdir: str, *, which: str = "best", split: str
                                           process_count=jax.process_count(), mode="eval")
     split = split or config.eval_split
     if split not in manifest["splits"]:
-        raise console.ConfigError(f"--eval_split={split!r} is not in {config.data_dir}/manifest.json (it "
-                         f"has {sorted(manifest['splits'])}).")
+        raise console.ConfigError(f"--eval_split={split!r} is not in {config.data_dir}/manifest.json "
+                                  f"(it has {sorted(manifest['splits'])}).")
     mesh = mesh_lib.make_mesh(config.mesh_shape)
     variables, step = checkpointing.restore_for_inference(config, workdir, which=which, mesh=mesh)
     writer = metric_writers.create_default_writer(

@@ -32,15 +32,22 @@ def peak_learning_rate(config) -> float:
     return config.optimizer.base_learning_rate * config.batch_size / 256
 
 
-def make_schedule(config, steps_per_epoch: int) -> optax.Schedule:
-    """Linear warm-up from 0, then cosine decay to `end_learning_rate`."""
+def schedule_steps(config, steps_per_epoch: int) -> tuple[int, int]:
+    """(warm-up steps, decay steps with the warm-up included, as optax counts them); the
+    warm-up never outlasts the run, and the decay is at least one step."""
     total = total_train_steps(config, steps_per_epoch)
     warmup = min(int(round(config.optimizer.warmup_epochs * steps_per_epoch)), total)
+    return warmup, max(total, warmup + 1)
+
+
+def make_schedule(config, steps_per_epoch: int) -> optax.Schedule:
+    """Linear warm-up from 0, then cosine decay to `end_learning_rate`."""
+    warmup, decay = schedule_steps(config, steps_per_epoch)
     return optax.warmup_cosine_decay_schedule(
         init_value=0.0,
         peak_value=peak_learning_rate(config),
         warmup_steps=warmup,
-        decay_steps=max(total, warmup + 1),
+        decay_steps=decay,
         end_value=config.optimizer.end_learning_rate,
     )
 

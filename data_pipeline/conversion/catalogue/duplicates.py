@@ -59,9 +59,18 @@ def exact_duplicate_sets(sha256s: Sequence[str]) -> list[tuple[int, ...]]:
 def near_duplicate_sets(sha256s: Sequence[str], hashes: Sequence[int], max_distance: int) -> list[NearDuplicateSet]:
     """Sets of images whose perceptual hashes lie within `max_distance` bits, joined
     transitively, that hold at least two different files (copies of the same bytes
-    alone are exact duplicates, reported as such)."""
+    alone are exact duplicates, reported as such).
+
+    Pairs are sought among distinct files only (the first image of each SHA-256), and
+    copies join their first: a catalogue's placeholder picture repeated n times would
+    otherwise make n^2/2 pairs (4.5 million, 25 s, for 3,000 copies)."""
     joined = UnionFind(len(hashes))
-    pairs = perceptual_hash.close_pairs(hashes, max_distance)
+    first: dict[str, int] = {}
+    for i, digest in enumerate(sha256s):
+        joined.union(first.setdefault(digest, i), i)
+    distinct = sorted(first.values())
+    pairs = [(distinct[a], distinct[b], distance)
+             for a, b, distance in perceptual_hash.close_pairs([hashes[i] for i in distinct], max_distance)]
     for i, j, _ in pairs:
         joined.union(i, j)
     widest: dict[int, int] = collections.defaultdict(int)

@@ -51,7 +51,7 @@ class Problem:
 
     where: str
     reason: str
-    kind: str  # a short key the report counts by
+    kind: str  # a few words the report and the error message count by, one spelling a kind
     images: int = 1  # how many images it stands for (a whole folder or class: more)
 
 
@@ -74,14 +74,21 @@ def _hidden(name: str) -> bool:
     return name.startswith(".")
 
 
-def _walk(top: str) -> Iterator[tuple[str, list[str], list[str]]]:
+def _walk(root: str, top: str, found: Discovery) -> Iterator[tuple[str, list[str], list[str]]]:
     """os.walk in sorted order (the result must not depend on the file system's order),
     yielding `(folder, subfolders not entered, files)`. It follows links to folders, as
     people build datasets out of links, but enters no folder twice (a second link to it,
-    or a link cycle), and no hidden folder; the caller lists those as ignored."""
+    or a link cycle), and no hidden folder; the caller lists those as ignored. A folder
+    that cannot be listed (os.walk would pass over it without a word) is a problem in
+    `found`: its images would be missing from the dataset."""
     status = os.stat(top)
     seen = {(status.st_dev, status.st_ino)}
-    for directory, folders, files in os.walk(top, followlinks=True):
+
+    def unreadable(err: OSError) -> None:
+        found.problems.append(Problem(_relative(root, err.filename) + "/", "cannot list the folder "
+                                      f"({err.strerror or err})", "unreadable folder", images=0))
+
+    for directory, folders, files in os.walk(top, followlinks=True, onerror=unreadable):
         entered, passed = [], []
         for name in sorted(folders):
             status = os.stat(os.path.join(directory, name))
@@ -102,14 +109,14 @@ def _relative(root: str, path: str) -> str:
 def _scan_class_folders(root: str, top: str, split: Optional[str], group_subfolders: bool,
                         found: Discovery) -> None:
     """Adds the images of `top/<class>/**` to `found`."""
-    for directory, passed, files in _walk(top):
+    for directory, passed, files in _walk(root, top, found):
         depth = len(os.path.relpath(directory, top).split(os.sep)) if directory != top else 0
         found.ignored += [_relative(root, os.path.join(directory, p)) + "/" for p in passed]
         if depth == 0:
             for name in files:
                 relative = _relative(root, os.path.join(directory, name))
                 if is_image_name(name) and not _hidden(name):
-                    found.problems.append(Problem(relative, "image outside any class folder", "no_class"))
+                    found.problems.append(Problem(relative, "image outside any class folder", "no class folder"))
                 else:
                     found.ignored.append(relative)
             continue
@@ -144,13 +151,13 @@ def discover_folders(root: str, *, group_subfolders: bool = True) -> Discovery:
     if not user_split:
         _scan_class_folders(root, root, None, group_subfolders, found)
     else:
-        for directory, passed, files in _walk(root):  # the root itself: loose files only
+        for directory, passed, files in _walk(root, root, found):  # the root itself: loose files only
             found.ignored += [_relative(root, os.path.join(directory, p)) + "/" for p in passed]
             for name in files:
                 relative = _relative(root, os.path.join(directory, name))
                 if is_image_name(name) and not _hidden(name):
                     found.problems.append(Problem(relative, "image outside any split and class folder",
-                                                  "no_class"))
+                                                  "no class folder"))
                 else:
                     found.ignored.append(relative)
             break
@@ -257,32 +264,32 @@ def discover_table(root: str, table: str, columns: Columns) -> Discovery:
     for line, row in rows:
         where = f"{name} line {line}"
         if isinstance(row, str):
-            found.problems.append(Problem(where, row, "bad_row"))
+            found.problems.append(Problem(where, row, "bad row"))
             continue
         raw_path, label = _value(row, columns.path), _value(row, columns.label)
         if not raw_path or not label:
             empty = columns.path if not raw_path else columns.label
-            found.problems.append(Problem(where, f"no value in column {empty!r}", "bad_row"))
+            found.problems.append(Problem(where, f"no value in column {empty!r}", "bad row"))
             continue
         path = clean_relative_path(raw_path)
         if path is None:
             found.problems.append(Problem(f"{where} ({raw_path})", "the path leaves the image root; "
-                                          "paths are relative to --image_root", "outside_root"))
+                                          "paths are relative to --image_root", "outside the root"))
             continue
         split = None
         if columns.split:
             split = _SPLIT_SPELLINGS.get(_value(row, columns.split).lower())
             if split is None:
                 found.problems.append(Problem(where, f"split {_value(row, columns.split)!r} is not train, val "
-                                              "or test", "bad_row"))
+                                              "or test", "bad row"))
                 continue
         if path in first_line:
             found.problems.append(Problem(f"{where} ({path})", f"the same file again (first at line "
-                                          f"{first_line[path]})", "repeated_row"))
+                                          f"{first_line[path]})", "repeated row"))
             continue
         first_line[path] = line
         if not os.path.isfile(os.path.join(root, path)):
-            found.problems.append(Problem(f"{where} ({path})", f"file missing under {root}", "missing_file"))
+            found.problems.append(Problem(f"{where} ({path})", f"file missing under {root}", "missing file"))
             continue
         group = _value(row, columns.group) if columns.group else ""
         found.entries.append(Entry(path, label, group or None, split, f"{where} ({path})"))
@@ -303,12 +310,12 @@ def restrict_to_classes(found: Discovery, classes: Sequence[str]) -> None:
     listed = ", ".join(classes)
     if found.layout == "table":
         found.problems += [Problem(e.where, f"label {e.label!r} is not one of --classes ({listed})",
-                                   "unknown_label") for e in outside]
+                                   "unknown label") for e in outside]
         return
     by_folder: dict[str, int] = {}
     for entry in outside:
         folder = "/".join(entry.path.split("/")[:2 if entry.split else 1])  # [split/]class
         by_folder[folder] = by_folder.get(folder, 0) + 1
     found.problems += [Problem(f"{folder}/", f"class folder {folder.split('/')[-1]!r} is not one of "
-                               f"--classes ({listed})", "unknown_label", images=n)
+                               f"--classes ({listed})", "unknown label", images=n)
                        for folder, n in sorted(by_folder.items())]

@@ -48,6 +48,8 @@ def _imbalance(class_names: Sequence[str], train_counts: Sequence[int]) -> dict:
     statement = (f"The largest class ({class_names[largest]}, {counts[largest]} training images) has "
                  f"{ratio:.1f}x the training images of the smallest ({class_names[smallest]}, "
                  f"{counts[smallest]}).")
+    if counts[largest] == counts[smallest]:  # argmax and argmin would name one class twice
+        statement = f"Every class has {counts[largest]} training images."
     if ratio >= IMBALANCE_WORTH_WEIGHTS:
         statement += (" That is imbalanced: consider training with --config.class_weights=balanced "
                       "(docs/GUIDE.md), and read per-class recall, not only accuracy.")
