@@ -197,7 +197,7 @@ def unsupported_options(item: Item) -> Optional[str]:
     try:
         get_model(item.model, 15, **item.overrides)
     except (ValueError, TypeError) as error:
-        return " ".join(str(error).split())
+        return " ".join(str(error).split()).split("; accepted:")[0]  # Not the whole list.
     return None
 
 
@@ -688,9 +688,9 @@ def main(argv: Optional[list[str]] = None) -> int:
                 results[item.name] = result
             for name in reported:
                 r = results[name]
-                print(f"=== {name}: {r.get('status')} train {_fmt(r.get('train_img_s'))} img/s, "
-                      f"infer {_fmt(r.get('infer_img_s'))} img/s ({time.perf_counter() - start:.0f}s)",
-                      flush=True)
+                rates = "".join(f" {label} {_fmt(r[key])} img/s" for label, key in
+                                (("train", "train_img_s"), ("infer", "infer_img_s")) if r.get(key))
+                print(f"=== {name}: {r.get('status')}{rates} ({time.perf_counter() - start:.0f}s)", flush=True)
             write()
     write()
     print(f"=== gpu_probe done in {time.perf_counter() - start:.0f}s; {args.out_dir}\n", flush=True)

@@ -155,6 +155,7 @@ def test_a_model_option_this_checkout_lacks_fails_its_row_with_the_reason():
     item = gpu_probe.Item("jax:msff:x", "jax", "msff_ecomnet", overrides={"no_such_option": 1})
     reason = gpu_probe.unsupported_options(item)
     assert "no_such_option" in reason and "msff_ecomnet" in reason
+    assert "accepted" not in reason  # The option named, not the model's whole list.
     assert gpu_probe.unsupported_options(gpu_probe.Item("jax:msff:y", "jax", "msff_ecomnet")) is None
 
 
@@ -218,3 +219,35 @@ def test_targets_give_verdicts_with_figures():
     assert lines[1].startswith("- MSFF-EComNet JAX train > JAX ResNet-50: FAIL")
     assert "not measured" in lines[2]
     assert lines[3].startswith("- msff_ecomnet JAX inference no slower than fastest PyTorch: FAIL")
+
+
+def test_plan_figures_of_a_gpu_row_come_from_its_own_compiled_step():
+    """The runner reads the plan of the executable it timed (compiled here for an H100
+    without one); a plan it cannot read costs the columns, not the row."""
+    import types
+
+    import jax
+    import jax.numpy as jnp
+
+    from msff_jax.analysis.plan import programs, targets as plan_targets
+
+    device = programs.compile_only_devices(plan_targets.TARGETS["h100"], 1)[0]
+    one = jax.sharding.SingleDeviceSharding(device)
+    matrix = jax.ShapeDtypeStruct((256, 256), jnp.bfloat16, sharding=one)
+    compiled = jax.jit(lambda a, b: jnp.tanh(a @ b)).lower(matrix, matrix).compile()
+    runner = gpu_probe.JaxRunner.__new__(gpu_probe.JaxRunner)
+    runner.device = types.SimpleNamespace(platform="gpu", device_kind="NVIDIA H100 80GB HBM3")
+    runner.mesh = types.SimpleNamespace(size=1)
+    figures = runner.plan_figures(compiled, measured_step_s=1e-3)
+    assert figures["plan_kernels"] >= 1 and figures["plan_gb_at_boundaries"] > 0
+    assert figures["time_over_plan_bound"] == pytest.approx(1.0 / figures["plan_lower_bound_ms"])
+
+    class Unreadable:
+        def as_text(self):
+            raise RuntimeError("no text")
+
+    figures = runner.plan_figures(Unreadable(), measured_step_s=1e-3)
+    assert {key: figures[key] for key in gpu_probe.PLAN_COLUMNS} == dict.fromkeys(gpu_probe.PLAN_COLUMNS)
+    assert figures["plan_error"] == "RuntimeError: no text"
+    runner.device = types.SimpleNamespace(platform="cpu", device_kind="cpu")
+    assert runner.plan_figures(Unreadable(), measured_step_s=1e-3) == dict.fromkeys(gpu_probe.PLAN_COLUMNS)
