@@ -1,18 +1,27 @@
-"""Preemption soak: SIGTERM a tiny training run at random moments, rerun, compare.
+"""Preemption soak: interrupt a tiny training run at random moments, rerun, compare.
 
-    python -m benchmarks.preemption_soak --runs 50 [--root DIR] [--seed S]
+    python -m benchmarks.preemption_soak --runs 50 [--phases sigterm,second_launch,sigkill]
+                                         [--root DIR] [--seed S]
 
 One uninterrupted reference run first (digits shards, a tiny MSFF-EComNet, one decode
-worker); then, `--runs` times: start the same run in a session of its own, wait a random
-time between 0 and the reference's wall time, send SIGTERM to its process group or to the
-main process only (chosen at random), and check that
+worker); then, for each phase, `--runs` times: start the same run in a session of its
+own, wait a random time between 0 and the reference's wall time, and
 
-- it exits 0 with no traceback, dead decode worker or leaked shared memory in its output;
-- the rerun of the same command exits 0 just as cleanly, and its final parameters equal
-  the reference's bitwise.
+- sigterm: send SIGTERM to its process group or to the main process only (chosen at
+  random); it must exit 0 with no traceback, dead decode worker or leaked shared memory
+  in its output;
+- second_launch: start the same command again on the same workdir (the first time with
+  no wait at all: two launches together); one of the two must be refused with one error
+  line naming the other, which must exit 0 just as cleanly, or, if the first had ended,
+  the second must find the run finished;
+- sigkill: SIGKILL its main process only (what the OOM killer does);
 
-A run failing any check is lost. The table counts ok and lost runs by the phase the
-signal landed in (the trainer's "SIGTERM received ... during PHASE" line).
+then the rerun of the same command (sigterm, sigkill) must exit 0 just as cleanly, the
+final parameters must equal the reference's bitwise, and 20 s after the run ended no
+process of its process group may be left, nor shared memory its decode workers made
+(orphans). A run failing any check is lost. The tables count ok and lost runs by the
+phase the signal landed in (the trainer's "SIGTERM received ... during PHASE" line), by
+how the second launch ended, and by the last line the killed run had logged.
 """
 
 from __future__ import annotations
@@ -30,6 +39,8 @@ import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FAILURE_WORDS = ("Traceback", "terminated unexpectedly", "leaked", "resource_tracker")
+PHASES = ("sigterm", "second_launch", "sigkill")
+ORPHAN_GRACE_SECS = 20
 
 # configs/digits.py:tiny (as the resume tests), with one decode worker: the soak also
 # signals while worker processes start and stop.
@@ -61,26 +72,79 @@ def _clean(log: str) -> str | None:
     return next((word for word in FAILURE_WORDS if word in log), None)
 
 
-def _run(config_path, workdir, env, *, signal_after=None, to_group=True):
-    """(return code, output, seconds); with `signal_after`, SIGTERM after that many seconds."""
-    start = time.monotonic()
-    process = subprocess.Popen(_command(config_path, workdir), cwd=REPO, env=env,
-                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                               start_new_session=True)
-    if signal_after is not None:
+class Run:
+    """One launch.py in a session of its own, its output in a file (a pipe would keep
+    the reader waiting on whatever process still holds it)."""
+
+    def __init__(self, config_path, workdir, env, log_path):
+        self.log_path = log_path
+        self.started = time.monotonic()
+        with open(log_path, "w") as log:
+            self.process = subprocess.Popen(_command(config_path, workdir), cwd=REPO, env=env, stdout=log,
+                                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+
+    def wait_or_signal(self, after: float | None, sig=signal.SIGTERM, to_group: bool = True) -> bool:
+        """Sends `sig` after `after` seconds unless the run ended first; True if sent."""
+        if after is None:
+            return False
         try:
-            process.wait(timeout=signal_after)
+            self.process.wait(timeout=after)
+            return False
         except subprocess.TimeoutExpired:
-            if to_group:
-                os.killpg(process.pid, signal.SIGTERM)
-            else:
-                process.send_signal(signal.SIGTERM)
-    try:
-        output, _ = process.communicate(timeout=900)
-    finally:
-        if process.poll() is None:
-            os.killpg(process.pid, signal.SIGKILL)
-    return process.returncode, output, time.monotonic() - start
+            (os.killpg if to_group else os.kill)(self.process.pid, sig)
+            return True
+
+    def finish(self, timeout: float = 900) -> tuple[int, str, float]:
+        try:
+            self.process.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.process.pid, signal.SIGKILL)
+            self.process.wait()
+        with open(self.log_path) as f:
+            return self.process.returncode, f.read(), time.monotonic() - self.started
+
+
+def _run(config_path, workdir, env, log_path) -> tuple[int, str, float]:
+    return Run(config_path, workdir, env, log_path).finish()
+
+
+def _group_left(pgid: int) -> list[int]:
+    """Processes still running (zombies aside) in process group `pgid`."""
+    left = []
+    for name in os.listdir("/proc"):
+        if not name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{name}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[2]) == pgid and fields[0] != "Z":
+            left.append(int(name))
+    return left
+
+
+def _orphans(pid: int) -> str | None:
+    """What the run started by `pid` left behind once given ORPHAN_GRACE_SECS: live
+    processes of its group, shared memory of its decode workers."""
+    from data_pipeline.records import worker_lifetime
+
+    deadline = time.monotonic() + ORPHAN_GRACE_SECS
+    while True:
+        processes = _group_left(pid)
+        blocks = [n for n in os.listdir(worker_lifetime.SHM_DIR)
+                  if n.startswith(worker_lifetime.SHM_PREFIX) and f"_{pid}_" in n]
+        if not (processes or blocks) or time.monotonic() > deadline:
+            break
+        time.sleep(0.5)
+    for process in processes:  # Leave the machine as it was for the next run.
+        try:
+            os.kill(process, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    if processes or blocks:
+        return f"{len(processes)} processes and {len(blocks)} shared-memory blocks left"
+    return None
 
 
 def _final_params(config_path: str, workdir: str):
@@ -107,7 +171,18 @@ def _equal(a, b) -> bool:
                                     for x, y in zip(leaves_a, leaves_b))
 
 
-def _phase(output: str) -> str:
+def _clean_exit(code: int, output: str) -> bool:
+    return code == 0 and not _clean(output)
+
+
+def _refused(code: int, output: str, holder_pid: int) -> bool:
+    """Exit 1 with one error line, the refusal naming `holder_pid`, and nothing else wrong."""
+    errors = [line for line in output.splitlines() if line.startswith("error:")]
+    return (code == 1 and len(errors) == 1 and "is in use by another run" in errors[0]
+            and f"pid {holder_pid}," in errors[0] and not _clean(output))
+
+
+def _sigterm_phase(output: str) -> str:
     match = re.search(r"SIGTERM received \(\w+\) during (.+?): ", output)
     if not match:
         return "no SIGTERM taken (run over, or not yet listening)"
@@ -115,15 +190,102 @@ def _phase(output: str) -> str:
     return re.sub(r" (of )?step \d+", "", match.group(1))
 
 
+def _last_progress(output: str) -> str:
+    """Where a SIGKILLed run was: the kind of its last progress line."""
+    kinds = {"step ": "after a training step", "eval step": "after an evaluation or checkpoint",
+             "done in": "after the final report"}
+    where = "during start-up"
+    for line in output.splitlines():
+        where = next((kind for prefix, kind in kinds.items() if line.startswith(prefix)), where)
+    return where
+
+
+class Soak:
+    def __init__(self, root, config_path, env, reference_params, seconds, rng):
+        self.root, self.config_path, self.env = root, config_path, env
+        self.reference_params, self.seconds, self.rng = reference_params, seconds, rng
+
+    def _rerun_matches(self, workdir: str, log_path: str) -> str | None:
+        code, output, _ = _run(self.config_path, workdir, self.env, log_path)
+        if code != 0 or _clean(output):
+            return f"rerun: exit {code}" + (f", '{_clean(output)}'" if _clean(output) else "")
+        return self._matches(workdir)
+
+    def _matches(self, workdir: str) -> str | None:
+        if not _equal(_final_params(self.config_path, workdir)[0], self.reference_params):
+            return "final parameters differ from the reference"
+        return None
+
+    # Each phase returns (what was done, where it landed, the problem or None, orphans).
+
+    def sigterm(self, workdir, log_path, number):
+        delay, to_group = self.rng.uniform(0, self.seconds), self.rng.random() < 0.5
+        run = Run(self.config_path, workdir, self.env, log_path)
+        run.wait_or_signal(delay, signal.SIGTERM, to_group)
+        code, output, _ = run.finish()
+        where = _sigterm_phase(output)
+        problem = orphans = _orphans(run.process.pid)
+        if problem is None and code != 0:
+            problem = f"exit {code}"
+        elif problem is None and _clean(output):
+            problem = f"'{_clean(output)}' in its output"
+        problem = problem or self._rerun_matches(workdir, log_path + ".rerun")
+        return (f"SIGTERM to the {'group' if to_group else 'main process'} at {delay:.1f} s", where, problem,
+                bool(orphans))
+
+    def second_launch(self, workdir, log_path, number):
+        delay = 0.0 if number == 0 else self.rng.uniform(0, self.seconds)
+        first = Run(self.config_path, workdir, self.env, log_path)
+        try:
+            first.process.wait(timeout=delay)
+        except subprocess.TimeoutExpired:
+            pass
+        first_ended = first.process.poll() is not None
+        second = Run(self.config_path, workdir, self.env, log_path + ".second")
+        code2, output2, _ = second.finish()
+        code1, output1, _ = first.finish()
+        problem = orphans = _orphans(first.process.pid) or _orphans(second.process.pid)
+        if _refused(code2, output2, first.process.pid) and _clean_exit(code1, output1):
+            where = "the second refused"
+        elif _refused(code1, output1, second.process.pid) and _clean_exit(code2, output2):
+            where = "the first refused (started together, the second took the lock)"
+        elif _clean_exit(code1, output1) and _clean_exit(code2, output2) \
+                and re.search(r"resuming from .* step 12\b", output2):
+            where = "the second ran after the first ended" + ("" if first_ended else " (during its exit)")
+        else:
+            where = "neither refused nor after the first"
+            problem = problem or f"exits {code1} and {code2}, not one clean run and one refusal"
+        problem = problem or self._matches(workdir)
+        return f"second launch after {delay:.1f} s", where, problem, bool(orphans)
+
+    def sigkill(self, workdir, log_path, number):
+        delay = self.rng.uniform(0, self.seconds)
+        run = Run(self.config_path, workdir, self.env, log_path)
+        sent = run.wait_or_signal(delay, signal.SIGKILL, to_group=False)
+        code, output, _ = run.finish()
+        where = _last_progress(output) if sent else "run over before the signal"
+        problem = orphans = _orphans(run.process.pid)
+        if problem is None and not sent and (code != 0 or _clean(output)):
+            problem = f"exit {code}"
+        problem = problem or self._rerun_matches(workdir, log_path + ".rerun")
+        return f"SIGKILL to the main process at {delay:.1f} s", where, problem, bool(orphans)
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--runs", type=int, default=50)
+    parser.add_argument("--runs", type=int, default=50, help="random moments per phase")
+    parser.add_argument("--phases", default=",".join(PHASES), help=f"comma-separated, of {PHASES}")
     parser.add_argument("--root", default=None, help="working directory (default: a new temporary one)")
     parser.add_argument("--seed", type=int, default=None)
     args = parser.parse_args(argv)
+    phases = [p for p in args.phases.split(",") if p]
+    unknown = sorted(set(phases) - set(PHASES))
+    if unknown:
+        parser.error(f"unknown phases {unknown}; known: {PHASES}")
     root = args.root or tempfile.mkdtemp(prefix="preemption_soak_")
     os.makedirs(root, exist_ok=True)
     rng = random.Random(args.seed)
+    os.environ.setdefault("JAX_PLATFORMS", "cpu")  # This process only reads CPU runs' checkpoints.
     from data_pipeline.conversion import digits
     from msff_jax import console
 
@@ -138,46 +300,35 @@ def main(argv=None) -> int:
     env = _env(os.path.join(root, "jax_cache"))
 
     reference = os.path.join(root, "reference")
-    _run(config_path, reference + "_warmup", env)  # Fills the compilation cache.
-    code, output, seconds = _run(config_path, reference, env)
+    _run(config_path, reference + "_warmup", env, reference + "_warmup.log")  # Fills the compilation cache.
+    code, output, seconds = _run(config_path, reference, env, reference + ".log")
     if code != 0 or _clean(output):
         print(output[-3000:])
         print(f"the reference run failed (exit {code}); nothing measured")
         return 1
-    reference_params, _ = _final_params(config_path, reference)
-    print(f"reference run: {seconds:.1f} s; signals land uniformly in [0, {seconds:.1f}] s", flush=True)
+    soak = Soak(root, config_path, env, _final_params(config_path, reference)[0], seconds, rng)
+    print(f"reference run: {seconds:.1f} s; moments drawn uniformly in [0, {seconds:.1f}] s", flush=True)
 
-    counts = collections.defaultdict(collections.Counter)
-    for run in range(args.runs):
-        workdir = os.path.join(root, f"run{run:03d}")
-        delay, to_group = rng.uniform(0, seconds), rng.random() < 0.5
-        code, output, _ = _run(config_path, workdir, env, signal_after=delay, to_group=to_group)
-        phase = _phase(output)
-        problem = None
-        if code != 0:
-            problem = f"exit {code}"
-        elif _clean(output):
-            problem = f"'{_clean(output)}' in its output"
-        else:
-            code, rerun_output, _ = _run(config_path, workdir, env)
-            if code != 0 or _clean(rerun_output):
-                problem = f"rerun: exit {code}" + (f", '{_clean(rerun_output)}'" if _clean(rerun_output) else "")
-            elif not _equal(_final_params(config_path, workdir)[0], reference_params):
-                problem = "resumed parameters differ from the reference"
-        counts[phase]["lost" if problem else "ok"] += 1
-        target = "group" if to_group else "main process"
-        print(f"run {run + 1}/{args.runs}: SIGTERM to the {target} at {delay:.1f} s, during {phase}: "
-              f"{problem or 'ok'}", flush=True)
-        if problem:
-            with open(os.path.join(root, f"run{run:03d}.log"), "w") as f:
-                f.write(output)
-
-    print(f"\n{'phase':<58} {'ok':>4} {'lost':>4}")
-    for phase, count in sorted(counts.items()):
-        print(f"{phase:<58} {count['ok']:>4} {count['lost']:>4}")
-    lost = sum(count["lost"] for count in counts.values())
-    print(f"{'all':<58} {args.runs - lost:>4} {lost:>4}")
-    return 1 if lost else 0
+    lost_total = 0
+    for phase in phases:
+        counts = collections.defaultdict(collections.Counter)
+        for run in range(args.runs):
+            name = f"{phase}{run:03d}"
+            workdir, log_path = os.path.join(root, name), os.path.join(root, f"{name}.log")
+            what, where, problem, orphaned = getattr(soak, phase)(workdir, log_path, run)
+            counts[where]["lost" if problem else "ok"] += 1
+            counts[where]["orphans"] += orphaned
+            print(f"{phase} {run + 1}/{args.runs}: {what}, {where}: {problem or 'ok'}", flush=True)
+            if problem:
+                print(f"  logs: {log_path}*", flush=True)
+        print(f"\n{phase:<58} {'ok':>4} {'lost':>4} {'orphans':>7}")
+        for where, count in sorted(counts.items()):
+            print(f"{where:<58} {count['ok']:>4} {count['lost']:>4} {count['orphans']:>7}")
+        lost = sum(count["lost"] for count in counts.values())
+        orphans = sum(count["orphans"] for count in counts.values())
+        print(f"{'all':<58} {args.runs - lost:>4} {lost:>4} {orphans:>7}\n", flush=True)
+        lost_total += lost
+    return 1 if lost_total else 0
 
 
 if __name__ == "__main__":

@@ -26,6 +26,15 @@ def get_config(model: str | None = None) -> ml_collections.ConfigDict:
     config.model = model or "msff_ecomnet"
     # Keyword overrides passed to `get_model` (e.g. TINY_OVERRIDES for tests).
     config.model_overrides = ml_collections.ConfigDict()
+    if config.model.startswith("msff_"):
+        # The recommended GPU setting, chosen from the compiled plan (--mode plan;
+        # BENCHMARKS.md): MSP-Conv's 1x1 convolutions on the block input as one, and every
+        # MSP-Conv and IASM convolution on channel counts padded to multiples of 8, which
+        # bfloat16 tensor-core kernels want (cuDNN's 41/82/164-channel branches are not).
+        # Speed only: the same parameters and function; set channel_alignment=1 and
+        # fuse_pointwise=False for the plain form.
+        config.model_overrides.fuse_pointwise = True
+        config.model_overrides.channel_alignment = 8
     config.num_classes = 15
     config.image_size = 224
     # Computation dtype; parameters stay float32. bfloat16 keeps float32's range, so it
@@ -138,6 +147,7 @@ def get_config(model: str | None = None) -> ml_collections.ConfigDict:
     config.checkpoint.every_steps = 1000
     config.checkpoint.keep = 3  # The latest k, plus the best by validation macro-F1.
     config.checkpoint.asynchronous = True  # Write while training continues.
+    config.workdir_lock_wait_secs = 0  # Wait for a run holding the workdir (requeues); 0: refuse.
     config.profile = ml_collections.ConfigDict()
     config.profile.enabled = False  # A trace in WORKDIR/tensorboard for TensorBoard's profiler.
     config.profile.first_step = 10

@@ -101,30 +101,30 @@ def setup_logging(verbosity: Optional[int]) -> None:
         warnings.filterwarnings("ignore", module="orbax")
         # Orbax logs through absl's logger, so only the file it comes from tells it apart:
         # its warnings ("did not provide metrics" on a save between evaluations) describe
-        # its own bookkeeping; errors still show.
+        # its own bookkeeping, and its errors (tracebacks from background save threads)
+        # repeat a failure that reaches the program as an exception, printed as one line.
         absl_logger = std_logging.getLogger("absl")
         if not any(isinstance(f, _LibraryWarningFilter) for f in absl_logger.filters):
             absl_logger.addFilter(_LibraryWarningFilter())
 
 
 class _LibraryWarningFilter(std_logging.Filter):
-    """Drops absl-logged records below ERROR that come from Orbax's source files."""
+    """Drops absl-logged records below CRITICAL that come from Orbax's source files."""
 
     def filter(self, record: std_logging.LogRecord) -> bool:
-        return record.levelno >= std_logging.ERROR or "/orbax/" not in record.pathname
+        return record.levelno >= std_logging.CRITICAL or "/orbax/" not in record.pathname
 
 
 # ----------------------------------------------------------------------------- output
 
 
 def _is_primary() -> bool:
-    jax = sys.modules.get("jax")
-    if jax is None:  # Not imported yet: a single process.
+    """Process 0 as jax.distributed numbered the processes. Asks no backend, so printing
+    never starts one (the study driver prints and leaves the accelerators to its runs)."""
+    runtime = sys.modules.get("jax._src.distributed")
+    if runtime is None or runtime.global_state.client is None:  # One process.
         return True
-    try:
-        return jax.process_index() == 0
-    except Exception:  # Backends not initialised yet.
-        return True
+    return runtime.global_state.process_id == 0
 
 
 def say(message: str = "") -> None:

@@ -279,14 +279,14 @@ def run_mode(config, workdir: str, mode: str) -> int | None:
     elif mode == "plan":  # The devices planned for, in hosts of eight.
         planned = int(config.plan.num_devices)
         config_checks.check_devices(config, num_devices=planned, process_count=max(1, planned // 8))
+    from msff_jax.train import workdir_lock
+
+    if mode in workdir_lock.WRITING_MODES:  # One run per workdir, before anything is written.
+        workdir_lock.acquire(workdir, wait_secs=config.get("workdir_lock_wait_secs", 0))
     if config.get("demo") and mode in ("train", "eval", "export"):
         from msff_jax.train import demo_data as demo
 
-        if not os.path.isfile(os.path.join(workdir, "data", "shards", "manifest.json")) \
-                and not config.data_dir:
-            console.say(f"demo: generating {config.demo.num_generated} synthetic DeepFashion "
-                        f"images and converting them to shards in {workdir}/data (first run only)")
-        demo.prepare_data(config, workdir)  # Sets config.data_dir; generates only once.
+        demo.prepare_data(config, workdir)  # Sets config.data_dir; says when it generates.
     if mode in ("train", "eval", "export"):
         config_checks.check_resume(config, os.path.abspath(workdir), mode=mode)
     try:

@@ -45,6 +45,7 @@ MEANINGFUL = {
     ("label_smoothing", "zero"): "no smoothing",
     ("ema_decay", "zero"): "no EMA",
     ("checkpoint.every_steps", "zero"): "saves only at evaluations and the end",
+    ("workdir_lock_wait_secs", "zero"): "a second launch is refused at once",
     ("mean_rgb[0]", "zero"): "a channel left uncentred",
     ("mean_rgb[1]", "zero"): "a channel left uncentred",
     ("mean_rgb[2]", "zero"): "a channel left uncentred",

@@ -207,7 +207,7 @@ def test_a_save_into_a_read_only_checkpoints_folder(tmp_path):
             checkpointing.wait_until_finished(manager)
     message, status = console.describe_exception(error.value)
     assert status == 1 and "unexpected" not in message
-    assert f"saving step 2 under {directory} failed: this user may not write there" in message
-    assert "(1) are intact" in message and f"make {directory} writable" in message
+    assert f"saving step 2 under {directory} failed: permission denied" in message
+    assert "(1) are intact" in message and "make it writable" in message
     assert [p.name for p in directory.iterdir() if p.name.isdigit()] == ["1"]
     manager.close()

@@ -38,6 +38,7 @@ import numpy as np
 
 from data_pipeline.records import example_codec
 from data_pipeline.records import transforms
+from data_pipeline.records import worker_lifetime
 from data_pipeline.records import manifest as manifest_lib
 from data_pipeline.records.manifest import load_manifest, shard_paths, split_info
 from data_pipeline.records.tfrecord_format import TFRecordCorruptionError
@@ -334,7 +335,7 @@ def _to_iter_dataset(
         _ensure_absl_flags_parsed()
         it = it.mp_prefetch(
             grain.MultiprocessingOptions(num_workers=worker_count, per_worker_buffer_size=prefetch_buffer),
-            worker_init_fn=_worker_ignores_sigterm,
+            worker_init_fn=worker_lifetime.worker_init_fn(_worker_ignores_sigterm),
         )
         it = _WorkerIterDataset(it)
     return it

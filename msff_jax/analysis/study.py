@@ -334,8 +334,7 @@ def _prepare_demo_data(options: Options) -> None:
 
     config = demo.get_config()
     config.data_dir = str(options.data_dir)
-    _say(f"making the demo data in {options.data_dir}")
-    demo_data.prepare_data(config, str(options.runs_dir))
+    demo_data.prepare_data(config, str(options.runs_dir))  # Says where it makes them.
 
 
 def main(argv: Optional[Sequence[str]] = None, *, devices: Optional[Devices] = None) -> int:

@@ -44,6 +44,7 @@ from msff_jax.models.exact_max import mean_and_max
 from msff_jax.models.shifted_conv import ShiftedConv
 
 CHANNEL_ATTENTIONS = ("cbam", "eca")
+SPATIAL_CONV_FORMS = ("shifted", "cudnn")
 
 
 def _real_channels(x: jnp.ndarray, true_channels: int | None) -> int:
@@ -131,20 +132,26 @@ class SpatialAttention(nn.Module):
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
     true_channels: int | None = None
+    # "shifted" (ShiftedConv) or "cudnn" (nn.Conv, the same parameter and function): an
+    # option so a GPU can measure what leaving cuDNN is worth.
+    conv_form: str = "shifted"
 
     @nn.compact
     def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
+        if self.conv_form not in SPATIAL_CONV_FORMS:
+            raise ValueError(f"iasm_spatial must be one of {SPATIAL_CONV_FORMS}; got "
+                             f"{self.conv_form!r}")
         channels = _real_channels(x, self.true_channels)
         valid = channels if channels < x.shape[-1] else None
         pooled = jnp.concatenate(mean_and_max(x, axis=-1, keepdims=True, valid=valid), axis=-1)
-        logits = ShiftedConv(
-            1,
-            (self.kernel_size, self.kernel_size),
-            dtype=self.dtype,
-            param_dtype=self.param_dtype,
-            name="conv",
-        )(pooled)
-        return nn.sigmoid(logits)
+        size = (self.kernel_size, self.kernel_size)
+        if self.conv_form == "shifted":
+            conv = ShiftedConv(1, size, dtype=self.dtype, param_dtype=self.param_dtype, name="conv")
+        else:
+            pad = (self.kernel_size - 1) // 2
+            conv = nn.Conv(1, size, padding=((pad, pad), (pad, pad)), use_bias=False,
+                           dtype=self.dtype, param_dtype=self.param_dtype, name="conv")
+        return nn.sigmoid(conv(pooled))
 
 
 class ResidualAttention(nn.Module):
@@ -159,6 +166,7 @@ class ResidualAttention(nn.Module):
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
     true_channels: int | None = None
+    spatial_conv_form: str = "shifted"
 
     @nn.compact
     def __call__(self, features: jnp.ndarray) -> jnp.ndarray:
@@ -178,7 +186,8 @@ class ResidualAttention(nn.Module):
                 f"got {self.channel_attention!r}"
             )
         channel_refined = channel(features) * features
-        spatial_map = SpatialAttention(self.spatial_kernel_size, **kinds, name="spatial")(
+        spatial_map = SpatialAttention(self.spatial_kernel_size, **kinds,
+                                       conv_form=self.spatial_conv_form, name="spatial")(
             channel_refined
         )
         self.sow("intermediates", "spatial_attention", spatial_map)

@@ -325,6 +325,7 @@ class MSFFBlock(nn.Module):
     channel_attention: str
     attention_reduction: int
     spatial_kernel_size: int
+    iasm_spatial: str
     max_pool_backward: str
     fuse_pointwise: bool
     dtype: Any
@@ -359,6 +360,7 @@ class MSFFBlock(nn.Module):
                 channel_attention=self.channel_attention,
                 reduction=self.attention_reduction,
                 spatial_kernel_size=self.spatial_kernel_size,
+                spatial_conv_form=self.iasm_spatial,
                 dtype=self.dtype,
                 param_dtype=self.param_dtype,
                 true_channels=self.features if align > 1 else None,
@@ -390,6 +392,8 @@ class MSFFNet(nn.Module):
     # BatchNorm's backward: "two_pass" (batch_norm.BatchNorm) or "autodiff" (flax's own),
     # the same function; an option so a GPU can measure the difference.
     batch_norm_backward: str = "two_pass"
+    # IASM's 7x7 spatial convolution: "shifted" (multiply-adds XLA fuses) or "cudnn".
+    iasm_spatial: str = "shifted"
     fuse_pointwise: bool = False
     # Computes MSP-Conv and IASM on channel counts padded to multiples of this (1: no
     # padding), for accelerators whose fast low-precision convolutions want aligned
@@ -446,6 +450,7 @@ class MSFFNet(nn.Module):
                     channel_attention=self.channel_attention,
                     attention_reduction=self.attention_reduction,
                     spatial_kernel_size=self.spatial_kernel_size,
+                    iasm_spatial=self.iasm_spatial,
                     max_pool_backward=self.max_pool_backward,
                     fuse_pointwise=self.fuse_pointwise,
                     dtype=self.dtype,

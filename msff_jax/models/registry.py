@@ -36,6 +36,13 @@ _PRESETS: Dict[str, Callable[..., nn.Module]] = {
 
 MODEL_NAMES: Tuple[str, ...] = tuple(_PRESETS)
 
+# Module options that change how a model computes, not what: the same parameters, the
+# same function (tests/test_speed_options.py, test_aligned_channels.py,
+# test_batch_norm.py), so a checkpoint trained under any setting resumes, evaluates and
+# exports under any other.
+SPEED_OPTIONS: Tuple[str, ...] = ("max_pool_backward", "batch_norm_backward", "iasm_spatial",
+                                  "fuse_pointwise", "channel_alignment")
+
 # Two stages (one plain, one strided) cover every MSFF code path at half the compile
 # time of four.
 _TINY_MSFF = {"stem_widths": (8, 8, 16), "stage_sizes": (1, 1), "stage_widths": (16, 32)}

@@ -12,14 +12,21 @@ Orbax writes a checkpoint into a temporary directory and renames it only once ev
 process has finished, so a checkpoint interrupted mid-write (SIGKILL, lost node) is never
 listed, let alone restored.
 
-A machine crash can still leave a listed step with a file missing or cut short (data not
-yet on disk when the power went). Orbax lists such a step and fails deep inside
-TensorStore when restoring it, so resuming (`restore_latest_intact`) tries the steps
-newest first, moves each damaged one aside to WORKDIR/checkpoints_damaged/ with a warning
-(nothing is ever deleted), and stops with a clear error when none restores; it never
-starts from scratch while checkpoints exist. A save that runs out of disk space, or
-finds its folder read-only, raises `CheckpointWriteError`; the earlier checkpoints are
-untouched and a rerun resumes.
+A machine crash or a partial copy can still leave a listed step with a file missing or
+cut short. Orbax lists such a step and fails deep inside TensorStore when restoring it
+(or, without the tree metadata, reads it as a tree of another shape), so every committed
+step gets a list of its files and their sizes (`checkpoint_files`), checked before a
+restore. Resuming (`restore_latest_intact`) tries the steps newest first, moves each
+damaged one aside to WORKDIR/checkpoints_damaged/ with a warning naming it (nothing is
+ever deleted), and stops with a clear error when none restores; it never starts from
+scratch while checkpoints exist.
+
+A save that fails (a full disk, a read-only or unwritable checkpoints/, an I/O error, a
+handler that raises) raises `CheckpointWriteError` naming the step, the path and the
+cause: at once when the synchronous part fails (the step directory is created before
+`save` returns, not in the background, where Orbax would wait minutes for it), and from
+the asynchronous part at the first `check_saves` after it failed, which the training
+loop calls every step. The earlier checkpoints are untouched and a rerun resumes.
 """
 
 from __future__ import annotations
@@ -28,6 +35,7 @@ import errno
 import json
 import os
 import re
+import weakref
 
 import grain
 import jax
@@ -36,7 +44,9 @@ import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_manager as orbax_checkpoint_manager
 from orbax.checkpoint import checkpoint_managers
 
-from msff_jax.console import UserError
+from msff_jax import console
+from msff_jax.train import checkpoint_files
+from msff_jax.train.checkpoint_files import DamagedCheckpointError
 
 STATE_ITEM = "state"
 DATA_ITER_ITEM = "data_iter"
@@ -49,15 +59,8 @@ METRICS_ITEM = orbax_checkpoint_manager.METRIC_ITEM_NAME
 DAMAGED_DIR = "checkpoints_damaged"
 
 
-class DamagedCheckpointError(ValueError):
-    """A checkpoint step directory with a file missing, truncated or unreadable."""
-
-    user_fixable = True  # Its messages say what to do.
-
-
-class CheckpointWriteError(UserError, OSError):
-    """A checkpoint could not be written: the disk (or quota) is full, or the folder is
-    read-only. The earlier checkpoints are intact; the message says what to do."""
+class CheckpointWriteError(console.UserError, OSError):
+    """A checkpoint could not be written; the message names the step, path and cause."""
 
 
 def checkpoint_dir(workdir: str) -> str:
@@ -104,53 +107,56 @@ def _damage_reason(err: BaseException) -> str | None:
 
 
 _OUT_OF_SPACE = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
+_CAUSES = [
+    (_OUT_OF_SPACE, ("No space left on device", "Disk quota exceeded", "File too large"),
+     "the disk is full (or the quota or file-size limit is reached)", "free some space"),
+    ({errno.EROFS}, ("Read-only file system",), "the file system is read-only",
+     "make it writable"),
+    ({errno.EACCES, errno.EPERM}, ("Permission denied", "PERMISSION_DENIED"),
+     "permission denied", "make it writable for this user"),
+]
 
 
-def _out_of_space(err: BaseException) -> bool:
-    """Whether `err` (Python's OSError, or TensorStore's error text) is a full disk, a full
-    quota or a file-size limit."""
+def _cause(err: BaseException) -> tuple[str, str, str | None]:
+    """(what went wrong, what to do, the path it happened at) for a failed save.
+
+    Orbax raises Python's OSError for what it writes itself and TensorStore's error text
+    (`os_error_code=N`, `Failed writing: "PATH"`) for the arrays."""
+    codes, texts, path = set(), [], None
     for e in _exception_chain(err):
-        if isinstance(e, OSError) and e.errno in _OUT_OF_SPACE:
-            return True
+        texts.append(str(e))
+        if isinstance(e, OSError) and e.errno is not None:
+            codes.add(e.errno)
+            path = path or (e.filename and str(e.filename))
         code = re.search(r"os_error_code='?(\d+)", str(e))
-        if code and int(code.group(1)) in _OUT_OF_SPACE:
-            return True
-        if "No space left on device" in str(e) or "Disk quota exceeded" in str(e):
-            return True
-    return False
+        if code:
+            codes.add(int(code.group(1)))
+        written = re.search(r'(?:Failed writing|Error writing[^"]*at local file): "([^"]+)"', str(e))
+        path = path or (written and written.group(1))
+    for numbers, words, what, remedy in _CAUSES:
+        if codes & numbers or any(w in t for w in words for t in texts):
+            return what, remedy, path
+    if codes:
+        code = min(codes)
+        return (f"an I/O error ({errno.errorcode.get(code, code)}: {os.strerror(code)})",
+                "fix the storage", path)
+    return f"{type(err).__name__}: {_short(err)}", "fix the cause", path
 
 
-_NOT_WRITABLE = {errno.EACCES, errno.EPERM, errno.EROFS}
-_NOT_WRITABLE_TEXT = re.compile(r"Permission denied|PERMISSION_DENIED|Read-only file system|"
-                                r"Operation not permitted")
-
-
-def _not_writable(err: BaseException) -> bool:
-    """Whether `err` (Python's OSError, or TensorStore's error text) is a folder this
-    user may not write to: read-only, immutable, or another user's."""
-    for e in _exception_chain(err):
-        if isinstance(e, OSError) and e.errno in _NOT_WRITABLE:
-            return True
-        if _NOT_WRITABLE_TEXT.search(str(e)):
-            return True
-    return False
-
-
-def _write_error(manager: ocp.CheckpointManager, err: BaseException) -> CheckpointWriteError:
+def _write_error(manager: ocp.CheckpointManager, err: BaseException,
+                 step: int | None = None) -> CheckpointWriteError:
     directory = str(manager.directory)
-    failed = re.search(r"/(\d+)\.orbax-checkpoint-tmp", str(err))
-    which = f"step {failed.group(1)}" if failed else "a checkpoint"
-    kept = _step_dirs(directory)  # On disk: Orbax's own list may already omit steps it means to rotate out.
-    if _out_of_space(err):
-        reason, fix = ("the disk is full (or the quota or file-size limit is reached)",
-                       "free some space")
-    else:
-        reason, fix = ("this user may not write there (read-only, or permission denied)",
-                       f"make {directory} writable")
+    if step is None:
+        failed = re.search(r"/(\d+)\.orbax-checkpoint-tmp", str(err))
+        step = int(failed.group(1)) if failed else None
+    which = f"step {step}" if step is not None else "a checkpoint"
+    what, remedy, path = _cause(err)
+    kept = [s for s in _step_dirs(directory) if s != step]  # On disk: Orbax's own list may omit rotated steps.
     return CheckpointWriteError(
-        f"saving {which} under {directory} failed: {reason}: {_short(err)}. The checkpoints "
-        f"already written ({', '.join(map(str, kept)) or 'none'}) are intact and the unfinished "
-        f"one is never restored; {fix} and rerun the same command to resume.")
+        f"saving {which} under {directory} failed: {what}"
+        f"{f' at {path}' if path else ''}: {_short(err)}. The checkpoints already written "
+        f"({', '.join(map(str, kept)) or 'none'}) are intact and the unfinished one is never "
+        f"restored; {remedy} and rerun the same command to resume.")
 
 
 def _step_dirs(directory: str) -> list[int]:
@@ -222,6 +228,10 @@ def make_manager(workdir: str, config, *, read_only: bool = False) -> ocp.Checkp
         best_fn=_best_metric,
         best_mode="max",
         enable_async_checkpointing=bool(config.checkpoint.asynchronous) and not read_only,
+        # The step directory is made before `save` returns, so a checkpoints/ that cannot
+        # be written fails there; made in the background, Orbax's writers would wait for it
+        # for minutes (ignoring SIGTERM) before failing with a timeout naming nothing.
+        async_options=ocp.AsyncOptions(create_directories_asynchronously=False),
         create=not read_only,
         read_only=read_only,
     )
@@ -244,31 +254,70 @@ class _FrozenIteratorState:
         return self._state
 
 
+# Per manager, the step of the asynchronous save started last and not yet seen to end.
+_pending_steps: "weakref.WeakKeyDictionary[ocp.CheckpointManager, int]" = weakref.WeakKeyDictionary()
+
+
 def save(manager: ocp.CheckpointManager, step: int, state, data_iterator, *,
          metrics: dict | None = None, force: bool = False) -> bool:
-    """Collective on every process. Returns whether a checkpoint was started."""
+    """Collective on every process. Returns whether a checkpoint was started. A save that
+    fails (this one's synchronous part, or the previous one's asynchronous part) raises
+    `CheckpointWriteError`."""
     args = ocp.args.Composite(**{
         STATE_ITEM: ocp.args.StandardSave(state),
         DATA_ITER_ITEM: grain.checkpoint.CheckpointSave(_FrozenIteratorState(data_iterator.get_state())),
     })
+    wait_until_finished(manager)  # The previous save's failure is named as its own.
     if force and step in manager.all_steps():
         return False  # Already saved at this step (e.g. periodic save, then the final one).
     try:
-        return manager.save(step, args=args, metrics=metrics, force=force)
-    except Exception as err:  # An asynchronous save's failure surfaces at the next one.
-        if _out_of_space(err) or _not_writable(err):
-            raise _write_error(manager, err) from err
-        raise
+        started = manager.save(step, args=args, metrics=metrics, force=force)
+    except Exception as err:
+        raise _write_error(manager, err, step) from err
+    if started:
+        _pending_steps[manager] = step
+        if not manager.is_saving_in_progress():  # Synchronous: committed already.
+            wait_until_finished(manager)
+    return started
 
 
 def wait_until_finished(manager: ocp.CheckpointManager) -> None:
-    """Waits for a pending asynchronous save; a full disk raises `CheckpointWriteError`."""
+    """Waits for a pending asynchronous save and lists the files of the step it wrote;
+    a save that failed raises `CheckpointWriteError`."""
+    step = _pending_steps.pop(manager, None)
     try:
         manager.wait_until_finished()
     except Exception as err:
-        if _out_of_space(err) or _not_writable(err):
-            raise _write_error(manager, err) from err
-        raise
+        raise _write_error(manager, err, step) from err
+    if step is not None:
+        from msff_jax.train import distributed
+
+        if distributed.is_primary() and os.path.isdir(os.path.join(str(manager.directory), str(step))):
+            checkpoint_files.record(os.path.join(str(manager.directory), str(step)))
+
+
+def check_saves(manager: ocp.CheckpointManager) -> None:
+    """Raises `CheckpointWriteError` if the pending asynchronous save has failed; cheap
+    while it is still running or when there is none. The training loop calls it every
+    step, so a save failing in the background stops the run within a step of it.
+
+    With several processes it is a collective (call it at the same step everywhere): a
+    failure one process sees stops them all. There Orbax itself may only see the failure
+    once its cross-process barrier gives up."""
+    failed = None
+    if manager in _pending_steps and not manager.is_saving_in_progress():
+        try:
+            wait_until_finished(manager)
+        except CheckpointWriteError as err:
+            failed = err
+    if jax.process_count() > 1:
+        from msff_jax.train import distributed
+
+        if distributed.any_process(failed is not None) and failed is None:
+            failed = CheckpointWriteError(f"saving a checkpoint under {manager.directory} failed "
+                                          "on another process (its log names the step and cause)")
+    if failed is not None:
+        raise failed
 
 
 def add_metrics(manager: ocp.CheckpointManager, step: int, metrics: dict) -> None:
@@ -289,6 +338,7 @@ def add_metrics(manager: ocp.CheckpointManager, step: int, metrics: dict) -> Non
         with open(path + ".tmp", "w") as f:
             json.dump(metrics, f)
         os.replace(path + ".tmp", path)
+        checkpoint_files.update(os.path.dirname(directory), f"{METRICS_ITEM}/{METRICS_ITEM}")
     distributed.barrier(f"metrics of step {step} written")
     manager.reload()
     if manager.metrics(step) != metrics:
@@ -315,6 +365,11 @@ def restore(manager: ocp.CheckpointManager, step: int, abstract_state, data_iter
     `DamagedCheckpointError` naming it; any other failure (a model that does not match
     the checkpoint, memory) propagates unchanged.
     """
+    try:
+        checkpoint_files.check_step(os.path.join(str(manager.directory), str(step)))
+    except DamagedCheckpointError as err:
+        raise DamagedCheckpointError(f"{manager.directory}/{step}: the checkpoint is damaged: "
+                                     f"{err}") from err
     position = None if data_iterator is None else saved_iterator_state(manager, step)
     try:
         restored = manager.restore(step, args=ocp.args.Composite(

@@ -94,6 +94,9 @@ RULES: tuple[Rule, ...] = (
     _integer("num_classes", 2, 1_000_000, 15, meaning="the classifier's outputs"),
     _integer("image_size", 1, 4096, 224, meaning="the side of the square crops in pixels, at "
              "least the model's total stride"),
+    _integer("model_overrides.channel_alignment", 1, 128, 8,
+             meaning="MSFF models compute MSP-Conv and IASM on channel counts padded to a "
+                     "multiple of it; 1: no padding"),
     _numbers("mean_rgb", 3, 0.0, 255.0, (123.675, 116.28, 103.53),
              requirement="3 numbers from 0 to 255 (R, G, B on the 0..255 scale)",
              meaning="0 leaves a channel uncentred"),
@@ -154,6 +157,8 @@ RULES: tuple[Rule, ...] = (
     _integer("checkpoint.every_steps", 0, MAX_STEPS, 1000,
              meaning="0: only at evaluations, on preemption and at the end"),
     _integer("checkpoint.keep", 1, 1_000_000, 3),
+    _number("workdir_lock_wait_secs", 0.0, 7 * 24 * 3600.0, 600,
+            meaning="how long a launch waits for a run holding the workdir; 0 refuses at once"),
     _integer("profile.first_step", 1, MAX_STEPS, 10),
     _integer("profile.num_steps", 1, 1_000_000, 5),
     Rule("plan.num_devices", lambda v, c: _is_int(v) and (1 <= v <= 8 or (8 < v <= 65_536 and v % 8 == 0)),
@@ -373,6 +378,14 @@ def _same_data(old_dir, new_dir) -> bool:
         return False
 
 
+def _architecture(overrides) -> dict:
+    """Model overrides without the speed options, which change no parameter or function
+    (`models.SPEED_OPTIONS`): a run resumes under any setting of those."""
+    from msff_jax.models import SPEED_OPTIONS
+
+    return {k: v for k, v in (plain(overrides) or {}).items() if k not in SPEED_OPTIONS}
+
+
 def check_resume(config, workdir: str, *, mode: str = "train") -> None:
     """Refuses a config whose model, widths, classes, image size or data differ from the
     one WORKDIR's checkpoints were trained with (WORKDIR/config.json), before anything in
@@ -399,7 +412,10 @@ def check_resume(config, workdir: str, *, mode: str = "train") -> None:
         if field == "data_dir":
             if not _same_data(old, new):
                 differing.append(f"data_dir {old!r} -> {new!r}")
-        elif plain(old) != plain(new) and not (field == "model_overrides" and not old and not new):
+        elif field == "model_overrides":
+            if _architecture(old) != _architecture(new):
+                differing.append(f"{field} {old!r} -> {new!r}")
+        elif plain(old) != plain(new):
             differing.append(f"{field} {old!r} -> {new!r}")
     if not differing:
         return

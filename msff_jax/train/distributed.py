@@ -79,6 +79,42 @@ def barrier(name: str) -> None:
         multihost_utils.sync_global_devices(name)
 
 
+def joined_process() -> tuple[int, int]:
+    """(this process's index, process count) as `initialize` set them, (0, 1) when it
+    joined nothing. Starts no backend, so code that may also run outside a training
+    process (the study driver making demo data) can ask."""
+    from jax._src import distributed as jax_distributed  # The runtime's own record.
+
+    state = jax_distributed.global_state
+    if state.client is None:
+        return 0, 1
+    return state.process_id, state.num_processes
+
+
+def from_primary(key: str, text: str | None, *, timeout_secs: float) -> str:
+    """Process 0's `text` on every process (`text` is ignored elsewhere).
+
+    Goes through jax.distributed's key-value store rather than a device collective: no
+    compilation, and a timeout of our choosing, so process 0 may take minutes (waiting
+    for a lock, making data) before it answers. Call it once per `key` on every process.
+    """
+    index, count = joined_process()
+    if count == 1:
+        return text
+    from jax._src import distributed as jax_distributed
+
+    client = jax_distributed.global_state.client
+    key = f"msff_jax/{key}"
+    if index == 0:
+        client.key_value_set(key, text)
+        return text
+    try:
+        return client.blocking_key_value_get(key, int(timeout_secs * 1000))
+    except Exception as err:  # The runtime reports a timeout as its own error type.
+        raise TimeoutError(f"process 0 did not report {key!r} within {timeout_secs:.0f} s "
+                           f"(its log says why): {err}") from err
+
+
 def any_process(flag: bool) -> bool:
     """True on every process when `flag` is True on any (a collective: call it everywhere
     at the same step)."""

@@ -395,6 +395,7 @@ def _train_and_evaluate(config, workdir: str) -> dict:
 
                 if jax.process_count() == 1 or step % PREEMPTION_SYNC_EVERY_STEPS == 0:
                     preempted = _stop_agreed()
+                    checkpointing.check_saves(manager)  # A save failed in the background: stop now.
                 is_last = step == total_steps
                 eval_due = evaluation_due(step)
                 save_due = (config.checkpoint.every_steps > 0
@@ -440,6 +441,7 @@ def _train_and_evaluate(config, workdir: str) -> dict:
                 if window_steps == 0:  # Evaluation and saving stay out of the next figure.
                     window_start = time.monotonic()
                 if preempted:
+                    checkpointing.wait_until_finished(manager)  # Written before it says so.
                     logging.warning("preempted: checkpoint at step %d written; rerun the same "
                                     "command to resume", step)
                     break
@@ -447,7 +449,7 @@ def _train_and_evaluate(config, workdir: str) -> dict:
     finally:
         # Pending asynchronous saves finish even when the loop raises (non-finite loss),
         # so the last good checkpoint is complete on disk.
-        checkpointing.wait_until_finished(manager)  # A full disk: CheckpointWriteError.
+        checkpointing.wait_until_finished(manager)  # A failed save: CheckpointWriteError.
         train_iter.close()  # Its decode workers stop here, however the loop ended.
     # A SIGTERM after the last save: the rerun writes the final report.
     preempted = preempted or _stop_agreed()

@@ -98,11 +98,16 @@ def _operand_arrays(instruction: hlo.Instruction) -> list[hlo.Array]:
     return [a for shapes in instruction.operand_shapes for a in shapes]
 
 
+_PASS_THROUGH = {"convert", "bitcast", "copy", "reshape", "negate", "abs", "exponential", "log",
+                 "sqrt", "rsqrt", "tanh", "logistic", "sign", "floor", "ceil"}
+
+
 def _sliced_reads(module: hlo.Module, instruction: hlo.Instruction) -> dict[int, int]:
     """Bytes a fusion reads of operands it only slices: {operand index: bytes}.
 
     A fusion that takes a large buffer and keeps a slice of it (splitting a flat buffer
-    back into parameters, say) reads the slice, not the buffer."""
+    back into parameters, or one branch's channels of a joint convolution's output)
+    reads the slice, not the buffer, also when it converts the values on the way."""
     body = module.computations.get(instruction.called[0]) if instruction.called else None
     if body is None:
         return {}
@@ -111,13 +116,15 @@ def _sliced_reads(module: hlo.Module, instruction: hlo.Instruction) -> dict[int,
         for name in inner.operands:
             users.setdefault(name, []).append(inner)
 
-    def read(name: str) -> int | None:
+    def elements_read(name: str) -> int | None:
+        """Elements of `name` that reach the fusion's result through slices; None if
+        some use needs all of them."""
         total = 0
         for user in users.get(name, []):
             if user.opcode in ("slice", "dynamic-slice"):
-                total += user.result_bytes
-            elif user.opcode == "bitcast":
-                inner = read(user.name)
+                total += sum(a.elements for a in user.shapes)
+            elif user.opcode in _PASS_THROUGH and len(user.operands) == 1:
+                inner = elements_read(user.name)
                 if inner is None:
                     return None
                 total += inner
@@ -127,10 +134,12 @@ def _sliced_reads(module: hlo.Module, instruction: hlo.Instruction) -> dict[int,
 
     sliced = {}
     for inner in body.instructions:
-        if inner.opcode == "parameter" and inner.parameter_number is not None:
-            amount = read(inner.name)
-            if amount is not None and users.get(inner.name):
-                sliced[inner.parameter_number] = min(amount, inner.result_bytes)
+        if inner.opcode == "parameter" and inner.parameter_number is not None and users.get(inner.name):
+            count = elements_read(inner.name)
+            if count is not None:
+                shape = inner.shapes[0]
+                per_element = shape.bytes // max(shape.elements, 1)
+                sliced[inner.parameter_number] = min(count * per_element, inner.result_bytes)
     return sliced
 
 
