@@ -78,14 +78,14 @@ class Item:
     baseline: str = ""  # The row this one's training rate is divided by.
 
 
+ALIGNED = {"channel_alignment": 8, "fuse_pointwise": True}  # The recommended setting's.
+UNALIGNED = {"channel_alignment": 1, "fuse_pointwise": False}
 # The training step before the four changes the compiled plan asked for: flax's own
 # BatchNorm backward, the optimizer bookkeeping leaf by leaf (state donated), IASM's
 # 7x7 2->1 convolution through cuDNN, MSP-Conv neither aligned nor fused. Every field is
 # set, so the row keeps its meaning when a default changes.
-OLD_MODEL = {"batch_norm_backward": "autodiff", "iasm_spatial": "cudnn", "channel_alignment": 1,
-             "fuse_pointwise": False}
+OLD_MODEL = {"batch_norm_backward": "autodiff", "iasm_spatial": "cudnn", **UNALIGNED}
 OLD_CONFIG = {"train_step.packed_update": False}
-ALIGNED = {"channel_alignment": 8, "fuse_pointwise": True}  # The recommended setting's.
 # Each change alone on top of the old step: (model options, config fields).
 CHANGES = (
     ("two_pass_bn", "BatchNorm two-pass backward", {"batch_norm_backward": "two_pass"}, {}),
@@ -107,9 +107,10 @@ def _torch(model, mode, group, profile=True) -> Item:
 
 
 PLAN: tuple[Item, ...] = (
-    _msff("jax:msff_ecomnet", "defaults (as benchmark mode)", infer=True, profile=True),
-    _msff("jax:msff:aligned", "all four changes: defaults + channel_alignment=8, fuse_pointwise "
-          "(the recommended setting)", dict(ALIGNED)),
+    _msff("jax:msff_ecomnet", "defaults: all four changes, aligned and fused (the recommended "
+          "setting)", infer=True, profile=True),
+    _msff("jax:msff:unaligned", "defaults with channel_alignment=1, fuse_pointwise=False (the "
+          "default before the recommended setting)", dict(UNALIGNED)),
     _msff("jax:msff:old_step", "the step before the four changes (autodiff BN, per-leaf "
           "bookkeeping, cuDNN IASM convolution, no alignment)", dict(OLD_MODEL), dict(OLD_CONFIG)),
     Item("jax:resnet50", "jax", "resnet50", "defaults", infer=True, profile=True,
@@ -219,12 +220,19 @@ class JaxRunner:
         self.kept: Optional[tuple[str, float, Callable]] = None
 
     def config(self, item: Item):
+        """Benchmark mode's config for the row's model: that model's own default options
+        (`configs/default.py:MODEL`; MSFF models are aligned and fused), the tiny preset
+        on a CPU, then the row's options and config fields."""
         from configs import benchmark as benchmark_config
+        from configs import default as default_config
         from msff_jax.models import TINY_OVERRIDES
+        from msff_jax.train.config_model import plain
 
         config = benchmark_config.get_config("cpu_tiny" if self.args.tiny else "")
         config.model = item.model
-        overrides = dict(TINY_OVERRIDES[item.model]) if self.args.tiny else {}
+        overrides = dict(plain(default_config.get_config(item.model).model_overrides) or {})
+        if self.args.tiny:
+            overrides.update(TINY_OVERRIDES[item.model])
         overrides.update(item.overrides)
         config.model_overrides = overrides
         set_config_fields(config, item.config)

@@ -126,7 +126,7 @@ def test_rows_run_in_plan_order_and_sets_expand():
     names = [item.name for item in gpu_probe.PLAN]
     assert len(set(names)) == len(names)
     # What decides comes first: the default, the recommended setting, the old step.
-    assert names[:4] == ["jax:msff_ecomnet", "jax:msff:aligned", "jax:msff:old_step", "jax:resnet50"]
+    assert names[:4] == ["jax:msff_ecomnet", "jax:msff:unaligned", "jax:msff:old_step", "jax:resnet50"]
     assert names.index("profile:best") < names.index("torch:msff_ecomnet:default")
     args = argparse.Namespace(only=["targets", "jax:msff_msp"], skip=["torch:resnet50:default"],
                               no_torch=False, tiny=False)
@@ -186,11 +186,29 @@ def test_config_fields_of_a_row_must_exist():
         gpu_probe.set_config_fields(config, {"trainstep.packed_update": False})
 
 
+@pytest.mark.parametrize("tiny", [False, True])
+def test_a_row_starts_from_its_own_model_defaults(tiny):
+    """MSFF rows start aligned and fused as configs/default.py ships them; ResNet-50 gets
+    none of the MSFF options; a row's own options and config fields come last."""
+    runner = gpu_probe.JaxRunner.__new__(gpu_probe.JaxRunner)
+    runner.args = argparse.Namespace(tiny=tiny)
+    rows = {item.name: item for item in gpu_probe.PLAN}
+    default = runner.config(rows["jax:msff_ecomnet"])
+    assert (default.model_overrides.channel_alignment, default.model_overrides.fuse_pointwise) == (8, True)
+    unaligned = runner.config(rows["jax:msff:unaligned"])
+    assert (unaligned.model_overrides.channel_alignment, unaligned.model_overrides.fuse_pointwise) == (1, False)
+    resnet = runner.config(rows["jax:resnet50:old_step"])
+    assert resnet.model == "resnet50" and "channel_alignment" not in resnet.model_overrides
+    assert resnet.model_overrides.batch_norm_backward == "autodiff"
+    assert resnet.train_step.packed_update is False and default.train_step.packed_update is True
+    assert ("stage_sizes" in resnet.model_overrides) == tiny
+
+
 def test_fastest_row_counts_only_that_model_and_framework():
-    results = {"jax:msff_ecomnet": {"train_img_s": 100.0}, "jax:msff:aligned": {"train_img_s": 120.0},
+    results = {"jax:msff_ecomnet": {"train_img_s": 100.0}, "jax:msff:unaligned": {"train_img_s": 120.0},
                "jax:msff_msp": {"train_img_s": 150.0}, "torch:msff_ecomnet:default": {"train_img_s": 200.0},
                "jax:msff:old_step": {"status": "failed: ..."}}
-    assert gpu_probe.fastest_row(results, "jax", "msff_ecomnet") == "jax:msff:aligned"
+    assert gpu_probe.fastest_row(results, "jax", "msff_ecomnet") == "jax:msff:unaligned"
     assert gpu_probe.fastest_row(results, "torch", "msff_ecomnet") == "torch:msff_ecomnet:default"
     assert gpu_probe.fastest_row(results, "jax", "resnet50") is None
 
@@ -208,14 +226,14 @@ def test_the_table_shows_the_plan_columns_of_a_gpu_row():
 
 def test_targets_give_verdicts_with_figures():
     results = {"jax:msff_ecomnet": {"train_img_s": 3000.0, "infer_img_s": 9000.0},
-               "jax:msff:aligned": {"train_img_s": 3400.0},
+               "jax:msff:unaligned": {"train_img_s": 3400.0},
                "jax:msff_msp": {"train_img_s": 9000.0},  # Another model: not counted.
                "torch:msff_ecomnet:eager": {"train_img_s": 2000.0, "infer_img_s": 9500.0},
                "torch:msff_ecomnet:default": {"train_img_s": 3000.0},
                "jax:resnet50": {"train_img_s": 5600.0}}
     lines = gpu_probe.targets(results)
     assert lines[0].startswith("- MSFF-EComNet JAX train >= 1.1x fastest PyTorch twin: PASS: 3,400.0 "
-                               "(jax:msff:aligned) vs 3,000.0 (torch:msff_ecomnet:default) = 1.133x")
+                               "(jax:msff:unaligned) vs 3,000.0 (torch:msff_ecomnet:default) = 1.133x")
     assert lines[1].startswith("- MSFF-EComNet JAX train > JAX ResNet-50: FAIL")
     assert "not measured" in lines[2]
     assert lines[3].startswith("- msff_ecomnet JAX inference no slower than fastest PyTorch: FAIL")
