@@ -1,13 +1,15 @@
 #!/usr/bin/env bash
-# One device call, two checks: the speed probe (issue 11) and the user path (issue 16).
+# One device call, two checks: the speed probe (issues 11, 20, 21) and the user path (issue 16).
 #
-#   bash benchmarks/gpu_check.sh                    # one GPU, budgeted at about 9 minutes
+#   bash benchmarks/gpu_check.sh                    # one GPU: the probe ~9 min, the user path ~4.5 min
+#   GPU_CHECK_PARTS=probe bash benchmarks/gpu_check.sh       # where one command may take 10 min
 #   GPU_CHECK_TINY=1 PYTHON=.venv/bin/python bash benchmarks/gpu_check.sh   # CPU check
 #
 # Environment: GPU_CHECK_PARTS ("probe user_path" by default; either alone),
-# PROBE_BUDGET_S (300), PROBE_ARGS (extra arguments, e.g. "--skip jax:resnet50:scatter"
-# or "--only ..." for a second call), USER_PATH_LIMIT_S (270), USER_PATH_ARGS (extra
-# arguments of gpu_user_path, e.g. "--keep DIR"), PYTHON (python3).
+# PROBE_BUDGET_S (480: rows start while it lasts, the one running may go a minute past),
+# PROBE_ARGS (extra arguments, e.g. "--skip jax:msff_msp", or "--only targets" for a
+# second call; `python -m benchmarks.gpu_probe --list` prints the rows), USER_PATH_LIMIT_S
+# (270), USER_PATH_ARGS (extra arguments of gpu_user_path, e.g. "--keep DIR"), PYTHON (python3).
 # On a host without grain/ml_collections/clu, the wheels in .whl/ are installed first
 # (see README: carry .whl). Everything lands in $OUT (else runs/gpu_check): gpu_check.log,
 # gpu_probe.md/.json, user_path.md/.json; the two tables are printed last.
@@ -46,11 +48,11 @@ for n in ('jax', 'jaxlib', 'flax', 'optax', 'orbax.checkpoint', 'grain', 'clu', 
 
 status=0
 if [[ " $PARTS " == *" probe "* ]]; then
-  echo "=== probe (budget ${PROBE_BUDGET_S:-300}s, at $(($(date +%s) - START))s)"
+  echo "=== probe (budget ${PROBE_BUDGET_S:-480}s, at $(($(date +%s) - START))s)"
   # The outer limit leaves the probe a minute past its own budget to finish an item.
   # shellcheck disable=SC2086
-  timeout --kill-after=10 $((${PROBE_BUDGET_S:-300} + 60)) "$PY" -m benchmarks.gpu_probe \
-    --out_dir "$RESULTS" --budget_s "${PROBE_BUDGET_S:-300}" "${TINY_FLAG[@]}" ${PROBE_ARGS:-} || status=1
+  timeout --kill-after=10 $((${PROBE_BUDGET_S:-480} + 60)) "$PY" -m benchmarks.gpu_probe \
+    --out_dir "$RESULTS" --budget_s "${PROBE_BUDGET_S:-480}" "${TINY_FLAG[@]}" ${PROBE_ARGS:-} || status=1
 fi
 if [[ " $PARTS " == *" user_path "* ]]; then
   # shellcheck disable=SC2086

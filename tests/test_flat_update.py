@@ -9,6 +9,7 @@ import numpy as np
 import optax
 import pytest
 
+from msff_jax.models import TINY_OVERRIDES
 from msff_jax.train import flat_update
 from msff_jax.train import mesh as mesh_lib
 from msff_jax.train import optimizers
@@ -90,3 +91,43 @@ def test_train_step_updates_as_optax_does_leaf_by_leaf(changes):
             assert jax.tree.structure(expected) == jax.tree.structure(got)
             for a, b in zip(jax.tree.leaves(expected), jax.tree.leaves(got)):
                 np.testing.assert_allclose(a, b, rtol=2e-5, atol=1e-6)
+
+
+def test_per_leaf_step_equals_the_packed_step_and_donates_its_state():
+    """`train_step.packed_update=False` (the step before packing, kept for GPU
+    measurements) updates as the packed step does, skips a non-finite step alike, and
+    donates its state again. The tiny ResNet compiles fastest."""
+    finals = {}
+    for packed in (True, False):
+        config = tiny_config(ema_decay=0.9, model="resnet50", **{"train_step.packed_update": packed})
+        config.model_overrides = TINY_OVERRIDES["resnet50"]
+        mesh = mesh_lib.make_mesh(config.mesh_shape, devices=jax.devices()[:1])
+        model = train_state_lib.build_model(config)
+        tx = optimizers.make_optimizer(config, steps_per_epoch=10)
+        state = train_state_lib.create_train_state(config, model, tx, mesh, jax.random.PRNGKey(0))
+        step = steps.make_train_step(config, model, tx, mesh)
+        norms = []
+        for batch in _batches(mesh, 2):
+            given = state
+            state, metrics = step(state, batch)
+            assert bool(metrics["finite"])
+            norms.append(float(metrics["grad_norm"]))
+            # Donated buffers are gone after the call; the packed step keeps its input.
+            assert jax.tree.leaves(given.params)[0].is_deleted() is not packed
+        # A NaN parameter: the loss is not finite, and the step changes nothing but its count.
+        leaves, treedef = jax.tree.flatten(state.params)
+        leaves[0] = leaves[0].at[(0,) * leaves[0].ndim].set(jnp.nan)
+        poisoned = state.replace(params=jax.tree.unflatten(treedef, leaves))
+        expected = jax.device_get(poisoned)
+        after, metrics = step(poisoned, next(_batches(mesh, 1, seed=5)))
+        assert not bool(metrics["finite"])
+        after = jax.device_get(after)
+        assert int(after.step) == int(expected.step) + 1
+        for a, b in zip(jax.tree.leaves(expected.replace(step=after.step)), jax.tree.leaves(after)):
+            np.testing.assert_array_equal(a, b)
+        finals[packed] = (jax.device_get(state), norms)
+    (packed_state, packed_norms), (leaf_state, leaf_norms) = finals[True], finals[False]
+    np.testing.assert_allclose(packed_norms, leaf_norms, rtol=1e-5)
+    assert jax.tree.structure(packed_state) == jax.tree.structure(leaf_state)
+    for a, b in zip(jax.tree.leaves(packed_state), jax.tree.leaves(leaf_state)):
+        np.testing.assert_allclose(a, b, rtol=2e-5, atol=1e-6)

@@ -21,6 +21,15 @@ from msff_jax.train import state as train_state_lib
 from msff_jax.models.inputs import normalize_images
 
 
+def packs_update(config) -> bool:
+    """`config.train_step.packed_update`; configs made before the switch pack."""
+    return bool(config.get("train_step", {}).get("packed_update", True))
+
+
+def _tree_where(condition, new, old):
+    return jax.tree.map(lambda n, o: jnp.where(condition, n, o), new, old)
+
+
 def _split_micro_batches(x, num_micro: int, mesh):
     """(B, ...) -> (num_micro, B / num_micro, ...), each micro-batch spread over all devices.
 
@@ -56,10 +65,14 @@ def make_loss_fn(config, model):
 def make_train_step(config, model, tx, mesh):
     """Returns jitted `step(state, batch) -> (state, metrics)`.
 
-    The state is not donated: with its buffers donated, the compiler copied every
-    convolution kernel before overwriting it in place (85 copy kernels per MSFF-EComNet
-    step in the plan); a fresh state costs its size in device memory (~0.1 GB for
-    MSFF-EComNet with momentum) instead.
+    `config.train_step.packed_update` (default True) chooses the optimizer bookkeeping:
+    on packed buffers (`flat_update`: a few kernels for the gradient norm, the guard and
+    the update), or leaf by leaf as optax does it on trees, the state donated, which is
+    how the step worked before and is kept so a GPU can measure what packing is worth.
+    The packed step does not donate its state: with its buffers donated, the compiler
+    copied every convolution kernel before overwriting it in place (85 copy kernels per
+    MSFF-EComNet step in the plan); a fresh state costs its size in device memory
+    (~0.1 GB for MSFF-EComNet with momentum) instead.
 
     A step whose loss or gradients are not finite leaves parameters, statistics and
     optimizer state untouched and reports `finite=False`; the loop stops on it (for
@@ -96,22 +109,18 @@ def make_train_step(config, model, tx, mesh):
         return grads, loss / num_micro, correct, batch_stats
 
     abstract = train_state_lib.abstract_train_state(config, model, tx, mesh, jax.random.PRNGKey(0))
+    packed_update = packs_update(config)
     parameters = flat_update.FlatLayout.for_parameters(abstract.params)
     statistics = flat_update.FlatLayout.single(abstract.batch_stats)
 
-    def train_step(state, batch):
-        dropout_rng = jax.random.fold_in(state.rng, state.step)
-        scale = state.loss_scale.scale if use_loss_scale else jnp.ones((), jnp.float32)
-        grads, loss, correct, batch_stats = compute_grads(state, batch, dropout_rng, scale)
-
-        # The bookkeeping on packed buffers (flat_update): norm, guard, update, EMA.
+    def packed_bookkeeping(state, grads, loss, batch_stats, scale):
+        """Norm, guard, update and EMA on packed buffers (flat_update), then unpacked."""
         grads = jax.tree.map(lambda g: g / scale, parameters.pack(grads))
         params = parameters.pack(state.params)
         opt_state = parameters.pack_state(state.opt_state)
         grad_norm = flat_update.global_norm(grads)
         grads_finite = jnp.isfinite(grad_norm)
-        loss_finite = jnp.isfinite(loss)
-        keep_update = grads_finite & loss_finite
+        keep_update = grads_finite & jnp.isfinite(loss)
 
         updates, new_opt_state = tx.update(grads, opt_state, params)
         new_params = flat_update.where(keep_update, optax.apply_updates(params, updates), params)
@@ -125,6 +134,37 @@ def make_train_step(config, model, tx, mesh):
             ema_params = parameters.unpack(flat_update.where(
                 keep_update, jax.tree.map(lambda e, p: decay * e + (1.0 - decay) * p, ema, new_params),
                 ema))
+        updated = state.replace(
+            params=parameters.unpack(new_params), batch_stats=new_batch_stats,
+            opt_state=parameters.unpack_state(new_opt_state), ema_params=ema_params)
+        return updated, grad_norm, grads_finite
+
+    def per_leaf_bookkeeping(state, grads, loss, batch_stats, scale):
+        """The same on the trees, leaf by leaf, the guard a select over the whole state."""
+        grads = jax.tree.map(lambda g: g / scale, grads)
+        grad_norm = optax.tree.norm(grads)
+        grads_finite = jnp.isfinite(grad_norm)
+        keep_update = grads_finite & jnp.isfinite(loss)
+
+        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        ema_params = state.ema_params
+        if ema_params is not None:
+            decay = config.ema_decay
+            ema_params = jax.tree.map(lambda e, p: decay * e + (1.0 - decay) * p, ema_params, params)
+        updated = state.replace(params=params, batch_stats=batch_stats, opt_state=opt_state,
+                                ema_params=ema_params)
+        return _tree_where(keep_update, updated, state), grad_norm, grads_finite
+
+    bookkeeping = packed_bookkeeping if packed_update else per_leaf_bookkeeping
+
+    def train_step(state, batch):
+        dropout_rng = jax.random.fold_in(state.rng, state.step)
+        scale = state.loss_scale.scale if use_loss_scale else jnp.ones((), jnp.float32)
+        grads, loss, correct, batch_stats = compute_grads(state, batch, dropout_rng, scale)
+        new_state, grad_norm, grads_finite = bookkeeping(state, grads, loss, batch_stats, scale)
+        loss_finite = jnp.isfinite(loss)
+        keep_update = grads_finite & loss_finite
 
         loss_scale = state.loss_scale
         if use_loss_scale:
@@ -138,10 +178,7 @@ def make_train_step(config, model, tx, mesh):
             finite = loss_finite
         else:
             finite = keep_update
-        new_state = state.replace(
-            step=state.step + 1, params=parameters.unpack(new_params), batch_stats=new_batch_stats,
-            opt_state=parameters.unpack_state(new_opt_state), ema_params=ema_params,
-            loss_scale=loss_scale)
+        new_state = new_state.replace(step=state.step + 1, loss_scale=loss_scale)
         metrics = {
             "loss": loss,
             "accuracy": correct / batch["label"].shape[0],
@@ -158,6 +195,7 @@ def make_train_step(config, model, tx, mesh):
         train_step,
         in_shardings=(state_shardings, batch_shardings),
         out_shardings=(state_shardings, mesh_lib.replicated(mesh)),
+        donate_argnums=() if packed_update else 0,
     )
 
 
