@@ -4,7 +4,7 @@
     python launch.py --config configs/benchmark.py:cpu_tiny --workdir /tmp/bench
 
 Each model in `benchmark.models` gets the training step `launch.py` trains with (same
-optimizer, BatchNorm update, donated state, uint8 images normalised on the device),
+optimizer, BatchNorm update, uint8 images normalised on the device),
 compiled once and timed on a synthetic batch already on the device; then the eval
 forward. Results land in WORKDIR as benchmark.csv (timm's columns), benchmark.md and
 throughput_vs_params.png. See BENCHMARKS.md for how to read them.
@@ -20,6 +20,10 @@ import ml_collections
 
 from configs import default
 
+# The models configs/default.py takes (msff_jax.models.MODEL_NAMES, without importing JAX).
+MODEL_NAMES = ("msff_base", "msff_msp", "msff_iasm", "msff_ecomnet", "resnet50",
+               "mobilenet_v3_large", "efficientnet_b0")
+
 
 def get_config(variant: str = "") -> ml_collections.ConfigDict:
     config = default.get_config()
@@ -31,9 +35,12 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
     # Training batch comes from config.batch_size (global); per-model overrides, e.g.
     # {'efficientnet_b0': 128}, for models that do not fit at the common size.
     bench.per_model_batch_size = ml_collections.ConfigDict()
-    # Per-model module options on top of config.model_overrides, e.g. the speed options
-    # of msff_jax.models: {'msff_ecomnet': {'fuse_pointwise': True}}.
-    bench.per_model_overrides = ml_collections.ConfigDict()
+    # Per-model module options on top of config.model_overrides: each model's own
+    # defaults from configs/default.py (MSFF's recommended speed options), which a run can
+    # change, e.g. --config.benchmark.per_model_overrides.msff_ecomnet.channel_alignment=1.
+    config.model_overrides = ml_collections.ConfigDict()
+    bench.per_model_overrides = ml_collections.ConfigDict({
+        name: default.get_config(name).model_overrides.to_dict() for name in MODEL_NAMES})
     # Inference: a large batch (no activations kept for backward) fills the GPU.
     bench.include_inference = True
     bench.infer_batch_size = 256

@@ -303,3 +303,15 @@ def test_tiny_run_table_and_plot_merge_the_pytorch_rows(tiny_run):
     assert "| msff_ecomnet_tiny | jax | shards (0 workers) |" in table  # input-bound table
     png = (out / "throughput_vs_params.png").read_bytes()
     assert png.startswith(b"\x89PNG") and len(png) > 5000
+
+
+def test_benchmark_config_knows_every_model():
+    """configs/benchmark.py lists the models without importing JAX; the list must be the
+    registry's, so every model gets its own default options."""
+    from configs import benchmark as benchmark_config
+    from msff_jax.models import MODEL_NAMES
+
+    assert set(benchmark_config.MODEL_NAMES) == set(MODEL_NAMES)
+    config = benchmark_config.get_config()
+    assert dict(config.benchmark.per_model_overrides.msff_ecomnet)["channel_alignment"] == 8
+    assert not dict(config.benchmark.per_model_overrides.resnet50)
