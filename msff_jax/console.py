@@ -64,18 +64,21 @@ class PathError(UserError, FileNotFoundError):
 # ----------------------------------------------------------------------------- logging
 
 
-def quiet_native_logs() -> None:
+def quiet_native_logs(*, start_jax: bool = True) -> None:
     """Environment settings that must precede the first TensorFlow / XLA import:
     TensorFlow's C++ INFO and WARNING lines, and its oneDNN notice (printed before the
     log level is read, so only switching the oneDNN rewrite off hides it; TensorFlow only
     writes TensorBoard summaries here, so its numerics do not matter); and, on a machine
-    without a GPU, the notices of JAX's CUDA plugin (`msff_jax.cuda_plugin`)."""
+    without a GPU, the notices of JAX's CUDA plugin (`msff_jax.cuda_plugin`), which means
+    importing JAX now. `start_jax=False` leaves that to the caller: launch.py must block
+    SIGTERM (`train.preemption.install`) before JAX starts any thread."""
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
     os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
-    from msff_jax import cuda_plugin
+    if start_jax:
+        from msff_jax import cuda_plugin
 
-    cuda_plugin.quiet_start()  # The CUDA plugin's notices on a machine without a GPU.
+        cuda_plugin.quiet_start()  # The CUDA plugin's notices on a machine without a GPU.
 
 
 def setup_logging(verbosity: Optional[int]) -> None:

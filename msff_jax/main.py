@@ -22,7 +22,7 @@ import sys
 
 from msff_jax import console
 
-console.quiet_native_logs()  # Before anything imports TensorFlow or XLA.
+console.quiet_native_logs(start_jax=False)  # Before anything imports TensorFlow or XLA.
 
 from absl import app, flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
@@ -344,6 +344,11 @@ def run() -> None:
     from msff_jax.train import preemption
 
     preemption.install()  # First: a SIGTERM from here on stops training cleanly (see there).
+    # Then JAX, quietly: threads it starts now inherit the SIGTERM block (jax.distributed's
+    # SIGTERM agreement depends on it).
+    from msff_jax import cuda_plugin
+
+    cuda_plugin.quiet_start()
     app.run(main, flags_parser=parse_flags)
 
 
