@@ -1,7 +1,7 @@
 """The compiled plan of the training step, before and after each change that made it, as
 one table (BENCHMARKS.md, "Plan figures").
 
-    python -m benchmarks.plan_table --out_dir runs/plan_table       # about 10 minutes here
+    python -m benchmarks.plan_table --out_dir runs/plan_table       # about 5 minutes here
     python -m benchmarks.plan_table --device h200 --only msff_ecomnet
 
 Every row compiles the train step of `configs/default.py:MODEL` for the target GPU on
@@ -71,7 +71,10 @@ def main() -> None:
     parser.add_argument("--out_dir", default="runs/plan_table")
     args = parser.parse_args()
 
-    from msff_jax.analysis.plan import memory, programs, targets
+    import jax
+    import jaxlib
+
+    from msff_jax.analysis.plan import programs, targets
     from msff_jax.analysis.plan.run import plan_program
 
     target = targets.get_target(args.device)
@@ -102,7 +105,7 @@ def main() -> None:
                   f"bound {r['lower_bound_ms']:5.1f} ms", flush=True)
     (out / "plan_table.json").write_text(json.dumps(
         {"device": target.name, "batch": 256, "dtype": "bfloat16", "image_size": 224,
-         "rows": rows, "memory": memory.__doc__.split("\n")[0]}, indent=2) + "\n")
+         "jax": jax.__version__, "jaxlib": jaxlib.__version__, "rows": rows}, indent=2) + "\n")
     lines = [f"| model | step | kernels | GB at kernel boundaries | temporaries GB | unaligned 16-bit convs | lower bound ms ({target.name}, estimate) |",
              "|---|---|---|---|---|---|---|"]
     lines += [f"| {r['model']} | {r['row']} | {r['kernels']:,} | {r['gb']:.1f} | {r['temp_gb']:.2f} | "
