@@ -52,7 +52,7 @@ def _config(tmp_path, kind, counts=COUNTS):
 
 
 def _loss(config, logits, labels):
-    loss_fn = steps.make_loss_fn(config, _FixedLogits())
+    loss_fn = steps.make_loss_fn(config, _FixedLogits(), class_weights.for_config(config))
     images = np.zeros((len(labels), 2, 2, 3), np.uint8)
     scaled, (loss, _, _) = loss_fn({"logits": jnp.asarray(logits)}, {}, images, jnp.asarray(labels),
                                    jax.random.PRNGKey(0), 1.0)

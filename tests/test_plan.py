@@ -94,7 +94,10 @@ def test_unaligned_convolutions_are_named_by_layer(one_device):
 
 
 def test_eight_devices_reduce_gradients(tmp_path):
-    plan = plan_run.run(tiny_config(num_devices=8, programs=("train_step",)), str(tmp_path))
+    config = tiny_config(num_devices=8, programs=("train_step",))
+    # Class weights come from the data's manifest when training; a plan needs no data.
+    config.class_weights, config.data_dir = "balanced", str(tmp_path / "no_data_here")
+    plan = plan_run.run(config, str(tmp_path))
     train = plan["programs"]["train_step"]
     assert train["compiled"] and train["num_devices"] == 8
     assert train["kernels"]["collective"] > 0 and train["collective_bytes"] > 0

@@ -79,6 +79,14 @@ def for_config(config) -> Optional[jnp.ndarray]:
     return jnp.asarray(weights_from_counts(counts, kind))
 
 
+def stand_in(config) -> Optional[jnp.ndarray]:
+    """Weights of the right shape for a step compiled without data (plan and benchmark
+    modes): the program, and so its cost, is the same whatever the values are."""
+    if config.get("class_weights", "none") == "none":
+        return None
+    return jnp.ones((config.num_classes,), jnp.float32)
+
+
 def mean_loss(per_example: jnp.ndarray, labels: jnp.ndarray, weights: Optional[jnp.ndarray]) -> jnp.ndarray:
     """The batch's mean loss, each image's loss scaled by its class's weight."""
     if weights is None:

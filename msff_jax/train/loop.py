@@ -22,6 +22,7 @@ from data_pipeline.records import reader
 from msff_jax import console
 from msff_jax.models import count_params
 from msff_jax.train import checkpoints as checkpointing
+from msff_jax.train import class_weights
 from msff_jax.train import config_checks
 from msff_jax.train import distributed
 from msff_jax.train import evaluation
@@ -320,7 +321,7 @@ def _train_and_evaluate(config, workdir: str) -> dict:
         console.say(line)
 
     # ---------------------------------------------------------------- steps
-    train_step = steps.make_train_step(config, model, tx, mesh)
+    train_step = steps.make_train_step(config, model, tx, mesh, class_weights.for_config(config))
     eval_step = steps.make_eval_step(config, model, mesh)
 
     def evaluation_due(at_step: int) -> bool:

@@ -41,11 +41,11 @@ def _split_micro_batches(x, num_micro: int, mesh):
     return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, P(None, "data")))
 
 
-def make_loss_fn(config, model):
-    """Cross-entropy with label smoothing (and `config.class_weights`) on one
-    (micro-)batch; also returns new BN stats."""
+def make_loss_fn(config, model, weights=None):
+    """Cross-entropy with label smoothing on one (micro-)batch, each image weighed by its
+    class's entry of `weights` (`class_weights.for_config`; None: all alike); also returns
+    new BN stats."""
     dtype = train_state_lib.compute_dtype(config)
-    weights = class_weights.for_config(config)
 
     def loss_fn(params, batch_stats, images_uint8, labels, dropout_rng, loss_scale):
         images = normalize_images(images_uint8, config.mean_rgb, config.stddev_rgb, dtype)
@@ -62,8 +62,10 @@ def make_loss_fn(config, model):
     return loss_fn
 
 
-def make_train_step(config, model, tx, mesh):
-    """Returns jitted `step(state, batch) -> (state, metrics)`.
+def make_train_step(config, model, tx, mesh, weights=None):
+    """Returns jitted `step(state, batch) -> (state, metrics)`; `weights` are the loss's
+    per-class weights (`class_weights.for_config`, read by the caller that knows the
+    data), or None.
 
     `config.train_step.packed_update` (default True) chooses the optimizer bookkeeping:
     on packed buffers (`flat_update`: a few kernels for the gradient norm, the guard and
@@ -78,7 +80,7 @@ def make_train_step(config, model, tx, mesh):
     optimizer state untouched and reports `finite=False`; the loop stops on it (for
     float16 a gradient overflow is instead the normal signal to lower the loss scale).
     """
-    loss_fn = make_loss_fn(config, model)
+    loss_fn = make_loss_fn(config, model, weights)
     grad_fn = jax.grad(loss_fn, has_aux=True)
     num_micro = int(config.grad_accum_steps)
     config_checks.check_batch_size(config, mesh.shape["data"])

@@ -36,6 +36,7 @@ import numpy as np
 from absl import logging
 
 from msff_jax import console
+from msff_jax.train import class_weights
 from msff_jax.train import mesh as mesh_lib
 from msff_jax.analysis import flops
 from msff_jax.train import optimizers
@@ -181,7 +182,7 @@ def _benchmark_model(config, mesh, environment, profile_dir: Path) -> tuple[list
     )
     forward_flops_per_image = forward_flops / bench.infer_batch_size if forward_flops else None
 
-    train_step = steps.make_train_step(config, model, tx, mesh)
+    train_step = steps.make_train_step(config, model, tx, mesh, class_weights.stand_in(config))
     train_batch = _synthetic_batch(config, config.batch_size, sharding, seed=0)
     train_lowered, train_compiled, train_compile_s = timing.compile_ahead_of_time(
         train_step, state, train_batch

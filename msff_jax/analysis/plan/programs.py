@@ -19,6 +19,7 @@ import jax.numpy as jnp
 
 from msff_jax.console import UserError
 from msff_jax.analysis.plan.targets import GpuTarget, target_config_text
+from msff_jax.train import class_weights
 from msff_jax.train import mesh as mesh_lib
 from msff_jax.train import optimizers
 from msff_jax.train import state as train_state
@@ -102,7 +103,7 @@ def build_programs(config, devices: list, names=PROGRAMS) -> list[Program]:
     if "train_step" in names:
         def lower_train(batch_size: int):
             sized = _with_batch(config, batch_size)
-            step = steps.make_train_step(sized, model, tx, mesh)
+            step = steps.make_train_step(sized, model, tx, mesh, class_weights.stand_in(config))
             return step.lower(abstract_state, _batch(sized, batch_size, sharding, with_mask=False))
 
         programs.append(Program("train_step", config.batch_size,
