@@ -1,5 +1,6 @@
 """A client of an exported model that prepares images with numpy and Pillow alone,
-reading every parameter from export.json's `preprocessing` block (version 2).
+reading every parameter from export.json's `preprocessing` block (version 3, or 2 for
+an older export).
 
 It is deliberately independent of this project: it imports neither `data_pipeline`
 nor `msff_jax`, so it shows that export.json is enough to reproduce predict's pixels
@@ -17,17 +18,18 @@ import sys
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageOps
 
-SUPPORTED_VERSION = 2
+SUPPORTED_VERSIONS = (2, 3)
 _SIXTEEN_BIT_GREY = ("I;16", "I;16B", "I;16L", "I;16N")
+_TRANSPARENT_MODES = ("RGBA", "LA", "PA", "RGBa", "La")
 
 
 def read_preprocessing(export_dir) -> dict:
     prep = json.loads((Path(export_dir) / "export.json").read_text())["preprocessing"]
-    if prep.get("version") != SUPPORTED_VERSION:
+    if prep.get("version") not in SUPPORTED_VERSIONS:
         raise ValueError(f"{export_dir}/export.json: preprocessing version {prep.get('version')!r}, "
-                         f"this client follows version {SUPPORTED_VERSION}")
+                         f"this client follows versions {SUPPORTED_VERSIONS}")
     if prep["decoder"]["reduced_decode"] or not prep["resize"]["antialias"]:
         raise ValueError("this client implements full-size decoding and antialiased resizing only")
     return prep
@@ -36,10 +38,19 @@ def read_preprocessing(export_dir) -> dict:
 def preprocess(path, prep: dict) -> np.ndarray:
     """uint8 (image_size, image_size, 3) RGB, following the block step by step."""
     with Image.open(path) as image:
-        image.load()  # decoder: Pillow, full size, first frame, EXIF orientation ignored
+        image.load()  # decoder: Pillow, full size, first frame
+        upright = prep["version"] >= 3
+        if upright and image.getexif().get(0x0112, 1) != 1:  # orientation applied first
+            image = ImageOps.exif_transpose(image)
         width, height = image.size
-        # color: convert('RGB'), except 16-bit grey keeps its high byte.
-        if image.mode in _SIXTEEN_BIT_GREY:
+        # color: transparency laid on white (version 3); otherwise convert('RGB'),
+        # except 16-bit grey keeps its high byte.
+        transparent = image.mode in _TRANSPARENT_MODES or (
+            image.mode in ("P", "L", "RGB") and "transparency" in image.info)
+        if upright and transparent:
+            white = Image.new("RGBA", image.size, (255, 255, 255, 255))
+            rgb = Image.alpha_composite(white, image.convert("RGBA")).convert("RGB")
+        elif image.mode in _SIXTEEN_BIT_GREY:
             grey = (np.asarray(image).astype(np.uint16) >> 8).astype(np.uint8)
             rgb = Image.fromarray(grey, "L").convert("RGB")
         elif image.mode in ("I", "F"):

@@ -154,7 +154,7 @@ def _edit_preprocessing(directory, **changes):
 
 
 @pytest.mark.parametrize("changes,message", [
-    ({"version": 1}, r"export.json: preprocessing.version 1 is not 2, .*Export again"),
+    ({"version": 1}, r"export.json: preprocessing.version 1 is not one this code computes \(2, 3\).*Export again"),
     ({"resize_short": 36}, r"export.json: preprocessing.resize_short is 36 but .* = 37"),
     ({"crop_fraction": 0}, r"export.json: preprocessing.crop_fraction must be in \(0, 1\], got 0"),
     ({"image_size": "32"}, r"export.json: preprocessing.image_size must be a positive integer"),

@@ -64,7 +64,7 @@ def _photo_files(root: Path) -> list[Path]:
     save("china_palette_120x80.png", china.resize((120, 80)).quantize(64))
     save("flower_cmyk_88x66.jpg", flower.resize((88, 66)).convert("CMYK"), quality=90)
     exif = Image.Exif()
-    exif[0x0112] = 6  # "rotate 90 degrees to display": ignored, as in the shards
+    exif[0x0112] = 6  # "rotate 90 degrees to display": turned upright
     save("china_exif_rotated_200x150.jpg", china.resize((200, 150)), quality=90, exif=exif)
     return files
 
@@ -173,6 +173,31 @@ def test_export_json_records_the_transform(setup):
     assert prep["resize"]["method"] == "bilinear" and prep["resize"]["antialias"] is True
     assert "reducing_gap=None" in prep["resize"]["call"]
     assert "not rounded" in prep["crop"]["box"]
-    assert "alpha dropped" in prep["color"]["RGBA, LA, PA"]
-    assert prep["decoder"]["exif_orientation"].startswith("ignored")
+    assert "laid on white" in prep["color"]["rule"] and "alpha_composite" in prep["color"]["transparency"]
+    assert prep["decoder"]["exif_orientation"].startswith("applied")
     assert "training_image_backend" in prep
+
+
+def test_an_export_of_version_2_is_read_as_it_was_written(setup, tmp_path):
+    """An export written before version 3 recorded pixels as stored (EXIF orientation
+    ignored, alpha dropped): predict still computes those for it, as the client does."""
+    import importlib.util
+    import shutil
+
+    files, export_dir, _ = setup
+    copy = Path(shutil.copytree(export_dir, tmp_path / "export"))
+    metadata = json.loads((copy / export.METADATA_FILE).read_text())
+    metadata["preprocessing"]["version"] = 2
+    (copy / export.METADATA_FILE).write_text(json.dumps(metadata))
+    prep = export.load_metadata(copy)["preprocessing"]
+    spec = importlib.util.spec_from_file_location("reference_client", CLIENT)
+    client = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(client)
+    client_prep = client.read_preprocessing(copy)
+    changed = []
+    for path in files:
+        old = predict.load_image(path, prep["image_size"], prep["crop_fraction"], 2**30, prep["version"])
+        np.testing.assert_array_equal(old, client.preprocess(path, client_prep), err_msg=path.name)
+        if not np.array_equal(old, predict.load_image(path, prep["image_size"], prep["crop_fraction"], 2**30)):
+            changed.append(path.name)
+    assert sorted(changed) == ["china_exif_rotated_200x150.jpg", "flower_rgba_97x131.png"]

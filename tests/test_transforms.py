@@ -101,10 +101,13 @@ def test_resize_short_rounds_half_up_as_export_json_states():
         transforms.eval_resize_short(32, 1.5)
 
 
-def _pillow_eval(image: Image.Image, size: int) -> np.ndarray:
-    """The eval transform spelled out with Pillow calls, as export.json states it."""
+def _pillow_eval(image: Image.Image, size: int, on_white: bool = True) -> np.ndarray:
+    """The eval transform spelled out with Pillow calls, as export.json states it (version
+    3; `on_white=False`: version 2, alpha dropped)."""
     side = size * min(image.size) / transforms.eval_resize_short(size)
     left, top = (image.size[0] - side) / 2, (image.size[1] - side) / 2
+    if on_white and image.mode == "RGBA":
+        image = Image.alpha_composite(Image.new("RGBA", image.size, (255, 255, 255, 255)), image)
     return np.asarray(image.convert("RGB").resize(
         (size, size), Image.Resampling.BILINEAR, box=(left, top, left + side, top + side), reducing_gap=None))
 
@@ -114,7 +117,8 @@ def _pillow_eval(image: Image.Image, size: int) -> np.ndarray:
 @pytest.mark.parametrize("size", [16, 32, 64])
 def test_eval_crop_is_exactly_the_stated_pillow_computation(fmt, mode, size):
     """Full-size decode (no draft even where the crop is over 8x the output),
-    convert('RGB') before resizing (so RGBA is not alpha-premultiplied), float box."""
+    transparency laid on white and convert('RGB') before resizing (so RGBA is not
+    alpha-premultiplied), float box; version 2 dropped alpha instead."""
     pixels = _gradient(400, 320)
     pixels[::7] = 255 - pixels[::7]  # detail, so any resampling difference shows
     image = Image.fromarray(pixels)
@@ -127,6 +131,40 @@ def test_eval_crop_is_exactly_the_stated_pillow_computation(fmt, mode, size):
     data = buffer.getvalue()
     expected = _pillow_eval(Image.open(io.BytesIO(data)), size)
     np.testing.assert_array_equal(transforms.decode_resize_center_crop(data, size), expected)
+    as_stored = _pillow_eval(Image.open(io.BytesIO(data)), size, on_white=False)
+    np.testing.assert_array_equal(transforms.decode_resize_center_crop(data, size, version=2), as_stored)
+    assert (mode == "RGBA") == (not np.array_equal(expected, as_stored))
+
+
+def _jpeg_with_orientation(pixels, orientation):
+    exif = Image.Exif()
+    exif[transforms.EXIF_ORIENTATION_TAG] = orientation
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, "JPEG", quality=95, exif=exif)
+    return buffer.getvalue()
+
+
+@pytest.mark.parametrize("orientation,transpose", [
+    (3, Image.Transpose.ROTATE_180), (6, Image.Transpose.ROTATE_270), (8, Image.Transpose.ROTATE_90)])
+def test_eval_crop_turns_a_photo_by_its_exif_orientation(orientation, transpose):
+    """A phone's portrait photo stored sideways with a rotation tag is seen upright, as an
+    image viewer (and the catalogue converter) shows it; version 2 read it as stored."""
+    pixels = _gradient(90, 60)
+    pixels[:10, :10] = 0  # a dark corner, so a wrong turn shows
+    data = _jpeg_with_orientation(pixels, orientation)
+    upright = Image.open(io.BytesIO(data)).transpose(transpose)
+    np.testing.assert_array_equal(transforms.decode_resize_center_crop(data, 32), _pillow_eval(upright, 32))
+    as_stored = transforms.decode_resize_center_crop(data, 32, version=2)
+    np.testing.assert_array_equal(as_stored, _pillow_eval(Image.open(io.BytesIO(data)), 32))
+    assert np.abs(as_stored.astype(int) - transforms.decode_resize_center_crop(data, 32)).max() > 50
+    # Orientation 1 is upright already: the same pixels as no tag at all.
+    np.testing.assert_array_equal(transforms.decode_resize_center_crop(_jpeg_with_orientation(pixels, 1), 32),
+                                  _pillow_eval(Image.open(io.BytesIO(_encode(pixels, "JPEG"))), 32))
+
+
+def test_eval_crop_refuses_an_unknown_version():
+    with pytest.raises(ValueError, match="version 4 unknown"):
+        transforms.decode_resize_center_crop(JPEG, 16, version=4)
 
 
 def test_eval_crop_keeps_the_high_byte_of_16_bit_grey():
@@ -290,7 +328,9 @@ def test_header_size_is_none_when_unknown(bad):
     assert transforms.header_size(bad) is None
 
 
-def test_exif_orientation_is_ignored_by_both_crops():
+def test_training_crops_read_pixels_as_stored():
+    """Training's crops ignore the EXIF orientation (their window comes from the header's
+    size); the converters store pictures upright (`as_seen`) where that matters."""
     image = Image.fromarray(_gradient(80, 40))
     exif = image.getexif()
     exif[0x0112] = 6  # "rotate 90 degrees to display"
@@ -299,7 +339,8 @@ def test_exif_orientation_is_ignored_by_both_crops():
     data = buffer.getvalue()
     stored = Image.open(io.BytesIO(data))
     assert stored.size == (80, 40)
-    np.testing.assert_array_equal(transforms.decode_resize_center_crop(data, 32), _pillow_eval(stored, 32))
+    np.testing.assert_array_equal(transforms.decode_resize_center_crop(data, 32, version=2),
+                                  _pillow_eval(stored, 32))
     pil, opencv = (transforms.decode_and_random_resized_crop(data, 32, np.random.default_rng(2), backend=b)
                    for b in ("pil", "cv2"))
     assert np.abs(pil.astype(int) - opencv.astype(int)).mean() < 4

@@ -16,12 +16,19 @@ Two crops, with different goals:
   computation, used by evaluation during training, `--mode eval` and predict, with no
   backend and no reduced decoding, written so that numpy and Pillow alone reproduce it
   bit for bit from the description `eval_preprocessing_spec` puts in export.json:
-  Pillow full-size decode, `convert("RGB")` (16-bit grey: high byte), antialiased
-  bilinear `Image.resize` of an unrounded float crop box. On the DeepFashion sizes
-  (about 300 px to 224) no reduced decode applied anyway, so exactness costs little.
+  Pillow full-size decode, the picture as a person sees it (`as_seen`: EXIF
+  orientation applied, transparency on white, `convert("RGB")`, 16-bit grey by its
+  high byte), antialiased bilinear `Image.resize` of an unrounded float crop box. On
+  the DeepFashion sizes (about 300 px to 224) no reduced decode applied anyway, so
+  exactness costs little.
 
-Both ignore EXIF orientation (as TensorFlow's decoders do), so pixels match the size
-recorded in the shards, and both decode PNG and other formats at full size.
+Training's crops read pixels as stored (the crop window comes from the header's size,
+as with TensorFlow's decoders). The converters store what training should see: the
+catalogue converter stores every picture upright and opaque (`as_seen`), so training
+and evaluation see the same picture; DeepFashion's images are stored as given (their
+boxes are in stored pixels), so one carrying an EXIF rotation tag, if any, is cropped
+as stored in training and shown upright in evaluation. Both decode PNG and other
+formats at full size.
 """
 
 from __future__ import annotations
@@ -30,7 +37,7 @@ import io
 import math
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageOps
 
 try:
     import cv2
@@ -256,8 +263,12 @@ def decode_and_random_resized_crop(
 
 
 # Bump when anything in `decode_resize_center_crop` changes its pixels: export.json
-# records it, and predict refuses an export written for other eval pixels.
-EVAL_PREPROCESSING_VERSION = 2
+# records it, and predict computes the version an export records (one it knows) or
+# refuses it. Version 2 read pixels as stored; version 3 first turns the picture as a
+# person sees it (`as_seen`).
+EVAL_PREPROCESSING_VERSION = 3
+KNOWN_EVAL_PREPROCESSING_VERSIONS = (2, 3)
+EXIF_ORIENTATION_TAG = 0x0112
 # Pillow modes whose `convert("RGB")` is the documented mapping (channel copy, alpha
 # dropped, palette lookup, Pillow's CMYK/YCbCr formulas).
 _CONVERTIBLE_MODES = frozenset({"1", "L", "LA", "P", "PA", "RGB", "RGBA", "RGBX", "CMYK", "YCbCr"})
@@ -297,25 +308,52 @@ def to_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB")
 
 
+def has_transparency(image: Image.Image) -> bool:
+    """An alpha channel, or a transparent palette entry or colour key (PNG tRNS)."""
+    return image.mode in ("RGBA", "LA", "PA", "RGBa", "La") or (
+        image.mode in ("P", "L", "RGB") and "transparency" in image.info)
+
+
+def as_seen(image: Image.Image) -> Image.Image:
+    """The picture as an image viewer shows it, in 8-bit RGB: EXIF orientation applied
+    (phones store portrait photos sideways with a rotation tag), transparent areas laid
+    on white (the usual background of catalogue photos; dropping alpha would show
+    whatever colour an editor left under it), then `to_rgb`. Files reach the model this
+    way, however they come: the catalogue converter stores its images so, and the eval
+    and serving transform (version 3) reads every image so."""
+    if image.getexif().get(EXIF_ORIENTATION_TAG, 1) != 1:
+        image = ImageOps.exif_transpose(image)
+    if has_transparency(image):
+        rgba = image.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(white, rgba).convert("RGB")
+    return to_rgb(image)
+
+
 def decode_resize_center_crop(
     image_bytes: bytes,
     size: int,
     crop_fraction: float = EVAL_CROP_FRACTION,
+    version: int = EVAL_PREPROCESSING_VERSION,
 ) -> np.ndarray:
     """The eval and serving transform: short side to `eval_resize_short`, centre
     `size` x `size`, as uint8 `(size, size, 3)` RGB. Deterministic, and the same pixels
     whatever the training backend: evaluation during training, `--mode eval` and
     predict all call this, and `eval_preprocessing_spec` describes it for export.json.
 
-    Steps: Pillow decodes the whole image (first frame; no draft, EXIF orientation and
-    ICC profile ignored), `to_rgb`, then one antialiased bilinear `Image.resize` of the
-    float `center_crop_box` to `size` x `size` with `reducing_gap=None`.
+    Steps: Pillow decodes the whole image (first frame; no draft; ICC profile ignored),
+    `as_seen` (version 3; version 2, which an older export may record, took `to_rgb`
+    of the pixels as stored), then one antialiased bilinear `Image.resize` of the float
+    `center_crop_box` to `size` x `size` with `reducing_gap=None`.
     """
+    if version not in KNOWN_EVAL_PREPROCESSING_VERSIONS:
+        raise ValueError(f"eval preprocessing version {version!r} unknown; this code computes "
+                         f"{', '.join(map(str, KNOWN_EVAL_PREPROCESSING_VERSIONS))}")
     image = open_image(image_bytes)
     try:
         image.load()
-        rgb = to_rgb(image)
-        box = center_crop_box(image.size[0], image.size[1], size, crop_fraction)
+        rgb = as_seen(image) if version >= 3 else to_rgb(image)
+        box = center_crop_box(rgb.size[0], rgb.size[1], size, crop_fraction)
         out = rgb.resize((size, size), Image.Resampling.BILINEAR, box=box, reducing_gap=None)
     except (OSError, SyntaxError) as err:  # PIL: truncated or corrupt image data
         raise ValueError(f"cannot decode image ({len(image_bytes)} bytes): {err}") from err
@@ -339,16 +377,20 @@ def eval_preprocessing_spec(size: int, crop_fraction: float = EVAL_CROP_FRACTION
             "call": "PIL.Image.open(file); image.load()",
             "reduced_decode": False,
             "frames": "first frame only",
-            "exif_orientation": "ignored (pixels as stored)",
+            "exif_orientation": "applied: when the EXIF orientation tag (0x0112) is not 1, "
+                                "image = PIL.ImageOps.exif_transpose(image), before anything else",
             "icc_profile": "ignored (no colour management)",
             "pillow_version": PIL.__version__,
             "libjpeg_turbo_version": features.version("libjpeg_turbo"),
         },
         "color": {
-            "rule": "image.convert('RGB') before resizing",
+            "rule": "after the orientation, before resizing: an image with transparency is "
+                    "laid on white, otherwise image.convert('RGB')",
+            "transparency": "modes RGBA, LA, PA, RGBa, La, or P, L, RGB with 'transparency' in "
+                            "image.info: PIL.Image.alpha_composite(opaque white RGBA, "
+                            "image.convert('RGBA')).convert('RGB')",
             "L": "grey copied to R, G and B",
-            "RGBA, LA, PA": "alpha dropped, no compositing (colour of transparent pixels kept)",
-            "P": "palette looked up, transparency dropped",
+            "P": "palette looked up",
             "CMYK, YCbCr": "Pillow's convert('RGB')",
             "I;16, I;16B, I;16L, I;16N": "high byte (value >> 8) as grey, then as L",
             "other modes (I, F, ...)": "refused",

@@ -415,17 +415,17 @@ def inside_export(export_dir: Path, metadata: dict, key: str) -> Path:
 
 
 def _check_preprocessing(path: Path, prep: dict) -> None:
-    """The preprocessing block must describe the transform this code runs (its version)
-    with values it can run; otherwise predict would feed the artifact other pixels than
-    export.json promises its clients."""
-    from data_pipeline.records.transforms import EVAL_PREPROCESSING_VERSION, eval_resize_short
+    """The preprocessing block must describe a transform this code runs (a version it
+    knows; predict computes that version) with values it can run; otherwise predict
+    would feed the artifact other pixels than export.json promises its clients."""
+    from data_pipeline.records.transforms import KNOWN_EVAL_PREPROCESSING_VERSIONS, eval_resize_short
 
-    if prep["version"] != EVAL_PREPROCESSING_VERSION:
+    if prep["version"] not in KNOWN_EVAL_PREPROCESSING_VERSIONS or isinstance(prep["version"], bool):
+        known = ", ".join(map(str, KNOWN_EVAL_PREPROCESSING_VERSIONS))
         raise ExportError(
-            f"{path}: preprocessing.version {prep['version']!r} is not "
-            f"{EVAL_PREPROCESSING_VERSION}, the eval transform this code computes; predict "
-            "would not reproduce the pixels export.json describes. Export again with this "
-            "code, or predict with the code that wrote it")
+            f"{path}: preprocessing.version {prep['version']!r} is not one this code computes "
+            f"({known}); predict would not reproduce the pixels export.json describes. Export "
+            "again with this code, or predict with the code that wrote it")
     size, fraction = prep["image_size"], prep["crop_fraction"]
     if not (isinstance(size, int) and not isinstance(size, bool) and size > 0):
         raise ExportError(f"{path}: preprocessing.image_size must be a positive integer, got {size!r}")

@@ -158,13 +158,14 @@ def check_header(data: bytes) -> tuple[int, int]:
             raise ValueError(f"cannot decode image: {err}") from err
 
 
-def load_image(path: Path, image_size: int, crop_fraction: float, max_file_bytes: float) -> np.ndarray:
+def load_image(path: Path, image_size: int, crop_fraction: float, max_file_bytes: float,
+               version: Optional[int] = None) -> np.ndarray:
     """One file through the eval transform, `transforms.decode_resize_center_crop`: the
-    same function evaluation runs during training and in `--mode eval`, and the one
-    export.json's `preprocessing` block describes (load_export has checked its version),
-    so predict feeds the artifact the pixels evaluation saw. ValueError with the reason
-    when the file is unusable."""
-    from data_pipeline.records.transforms import decode_resize_center_crop
+    same function evaluation runs during training and in `--mode eval`, at the version
+    export.json's `preprocessing` block records (load_export has checked it is one this
+    code computes; None: the current one), so predict feeds the artifact the pixels
+    evaluation saw. ValueError with the reason when the file is unusable."""
+    from data_pipeline.records.transforms import EVAL_PREPROCESSING_VERSION, decode_resize_center_crop
 
     size = path.stat().st_size
     if size > max_file_bytes:
@@ -172,7 +173,8 @@ def load_image(path: Path, image_size: int, crop_fraction: float, max_file_bytes
     data = path.read_bytes()
     check_header(data)
     try:
-        return decode_resize_center_crop(data, image_size, crop_fraction)
+        return decode_resize_center_crop(data, image_size, crop_fraction,
+                                         EVAL_PREPROCESSING_VERSION if version is None else version)
     except _decode_errors() as err:
         raise ValueError(f"cannot decode image: {err}") from err
 
@@ -267,7 +269,7 @@ def predict(args) -> int:
                     if path.stat().st_size == 0:
                         raise ValueError("empty file")
                     images.append(load_image(path, prep["image_size"], prep["crop_fraction"],
-                                             args.max_file_mb * 2**20))
+                                             args.max_file_mb * 2**20, prep["version"]))
                     good.append(path)
                 except (ValueError, OSError) as err:  # load_image's reasons; OSError: unreadable
                     reason = skip_reason(path, err)

@@ -5,9 +5,10 @@ named, and not hours into training), and measures what the split and the report 
 the SHA-256 of the bytes (exact duplicates), the perceptual hash (near-duplicates), the
 size as stored, and whether the file can be stored as it is.
 
-What is stored is the picture a person sees in an image viewer, as 8-bit RGB JPEG:
+What is stored is the picture a person sees in an image viewer (`transforms.as_seen`,
+which evaluation and predict apply to every image too), as 8-bit RGB JPEG:
 - EXIF orientation applied (phones save portrait photos sideways with a rotation tag;
-  the reader and predict ignore the tag, so the pixels are turned upright here);
+  training's crops read pixels as stored, so they are turned upright here);
 - transparent areas laid on white, the usual background of catalogue photos (dropping
   alpha would show whatever colour the editing program left under it, often black);
 - grey, palette, CMYK and 16-bit images converted to RGB (`transforms.to_rgb`).
@@ -23,7 +24,7 @@ import io
 import warnings
 from typing import Optional
 
-from PIL import Image, ImageOps
+from PIL import Image
 
 from data_pipeline.conversion import shard_writer
 from data_pipeline.conversion.catalogue.perceptual_hash import dct_hash
@@ -31,7 +32,6 @@ from data_pipeline.records import example_codec
 from data_pipeline.records import transforms
 
 REENCODE_QUALITY = 95
-_ORIENTATION_TAG = 0x0112
 _KEPT_JPEG_MODES = ("RGB", "L")
 
 
@@ -52,21 +52,11 @@ class Inspection:
     phash: int = 0
 
 
-def _has_transparency(image: Image.Image) -> bool:
-    return image.mode in ("RGBA", "LA", "PA", "RGBa", "La") or (
-        image.mode in ("P", "L", "RGB") and "transparency" in image.info)
-
-
 def _upright_rgb(image: Image.Image, max_side: int) -> Image.Image:
-    """The stored picture: orientation applied, transparency on white, RGB, shrunk so
-    the long side is at most `max_side` (0: never)."""
-    image = ImageOps.exif_transpose(image)
-    if _has_transparency(image):
-        rgba = image.convert("RGBA")
-        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        image = Image.alpha_composite(white, rgba).convert("RGB")
-    else:
-        image = transforms.to_rgb(image)
+    """The stored picture: as a person sees it (`transforms.as_seen`: orientation
+    applied, transparency on white, RGB), shrunk so the long side is at most `max_side`
+    (0: never)."""
+    image = transforms.as_seen(image)
     if max_side and max(image.size) > max_side:
         scale = max_side / max(image.size)
         size = (max(1, round(image.width * scale)), max(1, round(image.height * scale)))
@@ -107,9 +97,9 @@ def inspect(file: str, max_side: int = 0) -> Inspection:
         return Inspection(problem="empty file (0 bytes)")
     try:
         image = _decode(data)
-        orientation = image.getexif().get(_ORIENTATION_TAG, 1)
+        orientation = image.getexif().get(transforms.EXIF_ORIENTATION_TAG, 1)
         source_format, source_mode = image.format or "", image.mode
-        transparent = _has_transparency(image)
+        transparent = transforms.has_transparency(image)
         stored = _upright_rgb(image, max_side)
     except Exception as err:  # Pillow raises many types for broken files
         return Inspection(problem=_decode_problem(err))
