@@ -33,18 +33,10 @@ def prepare_data(config, workdir: str) -> str:
 
     shards_dir = os.path.abspath(config.data_dir or os.path.join(workdir, "data", "shards"))
     config.data_dir = shards_dir
-    outcome = None
-    if distributed.joined_process()[0] == 0:
-        try:
-            _make_unless_there(config, shards_dir)
-            outcome = "ready"
-        except Exception as err:  # The others stop too, with the same message.
-            distributed.from_primary("demo_data", f"error:{err}", timeout_secs=0)
-            raise
-    outcome = distributed.from_primary("demo_data", outcome, timeout_secs=6 * 3600)
-    if outcome.startswith("error:"):
-        raise console.UserError(f"process 0 could not make the demo data: "
-                                f"{outcome.removeprefix('error:')}")
+    failure = distributed.on_primary("demo_data", lambda: _make_unless_there(config, shards_dir),
+                                     timeout_secs=6 * 3600)
+    if failure:
+        raise console.UserError(f"process 0 could not make the demo data: {failure.message}")
     return shards_dir
 
 

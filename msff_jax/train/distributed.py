@@ -8,6 +8,7 @@ SPMD program; each process feeds only its own slice of every global batch.
 from __future__ import annotations
 
 import os
+from typing import Callable, NamedTuple
 
 import jax
 import numpy as np
@@ -113,6 +114,35 @@ def from_primary(key: str, text: str | None, *, timeout_secs: float) -> str:
     except Exception as err:  # The runtime reports a timeout as its own error type.
         raise TimeoutError(f"process 0 did not report {key!r} within {timeout_secs:.0f} s "
                            f"(its log says why): {err}") from err
+
+
+class PrimaryFailure(NamedTuple):
+    """How `on_primary`'s work failed on process 0: the exception's type name and text."""
+
+    kind: str
+    message: str
+
+
+def on_primary(key: str, work: Callable[[], None], *, timeout_secs: float) -> PrimaryFailure | None:
+    """Runs `work` on process 0 alone and tells every process how it ended.
+
+    Process 0 re-raises its own exception after telling the others; they get the
+    failure (None when `work` returned) and raise an error of their own that says it
+    was process 0's, so all processes stop with the same message instead of the others
+    waiting out a timeout. Call it once per `key` on every process."""
+    if joined_process()[0] == 0:
+        try:
+            work()
+        except Exception as err:
+            from_primary(key, f"failed:{type(err).__name__}:{err}", timeout_secs=0)
+            raise
+        from_primary(key, "done", timeout_secs=0)
+        return None
+    outcome = from_primary(key, None, timeout_secs=timeout_secs)
+    if outcome == "done":
+        return None
+    kind, _, message = outcome.removeprefix("failed:").partition(":")
+    return PrimaryFailure(kind, message)
 
 
 def any_process(flag: bool) -> bool:

@@ -63,23 +63,12 @@ def acquire(workdir: str, *, wait_secs: float = 0.0) -> None:
     from msff_jax.train import distributed
 
     number = next(_acquisitions)  # The same on every process: they call this in step.
-    outcome = None
-    if distributed.joined_process()[0] == 0:
-        try:
-            _acquire_here(workdir, wait_secs)
-            outcome = "held"
-        except Exception as err:  # The others stop too, with the same message.
-            refused = isinstance(err, WorkdirBusyError)
-            distributed.from_primary(f"workdir_lock/{number}",
-                                     f"{'refused' if refused else 'failed'}:{err}", timeout_secs=0)
-            raise
-    outcome = distributed.from_primary(f"workdir_lock/{number}", outcome,
-                                       timeout_secs=max(0.0, wait_secs) + 300)
-    if outcome.startswith("refused:"):
-        raise WorkdirBusyError(outcome.removeprefix("refused:"))
-    if outcome.startswith("failed:"):
-        raise RuntimeError(f"process 0 could not take the lock of {workdir}: "
-                           f"{outcome.removeprefix('failed:')}")
+    failure = distributed.on_primary(f"workdir_lock/{number}", lambda: _acquire_here(workdir, wait_secs),
+                                     timeout_secs=max(0.0, wait_secs) + 300)
+    if failure and failure.kind == WorkdirBusyError.__name__:
+        raise WorkdirBusyError(failure.message)
+    if failure:
+        raise RuntimeError(f"process 0 could not take the lock of {workdir}: {failure.message}")
 
 
 def release(workdir: str) -> None:
