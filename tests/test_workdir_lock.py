@@ -142,6 +142,8 @@ try:
     print("held", workdir_lock.holder(workdir)["pid"], flush=True)
 except workdir_lock.WorkdirBusyError as err:
     print("refused", err, flush=True)
+except Exception as err:
+    print("failed", type(err).__name__, err, flush=True)
 distributed.barrier("read")  # Process 0 keeps it until both have read the holder.
 """
 
@@ -212,3 +214,14 @@ def test_two_launches_on_one_workdir_leave_one_run_and_a_one_line_refusal(tmp_pa
     rerun = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert rerun.returncode == 0, rerun.stderr[-3000:]
     assert not os.path.exists(os.path.join(workdir, workdir_lock.LOCK_FILE))
+
+
+def test_when_process_0_cannot_take_the_lock_the_others_stop_with_its_reason(tmp_path):
+    """Not a refusal (the workdir is a file): process 0 raises its own error, the other
+    one says that process 0 failed, and why, instead of waiting out a timeout."""
+    workdir = tmp_path / "work"
+    workdir.write_text("a file where the workdir should be")
+    _, lines = _joined_run(workdir)
+    assert lines[0].startswith("failed ") and str(workdir) in lines[0], lines
+    own_reason = lines[0].split(" ", 2)[2]
+    assert lines[1] == f"failed RuntimeError process 0 could not take the lock of {workdir}: {own_reason}", lines
