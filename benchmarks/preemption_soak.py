@@ -286,6 +286,9 @@ def main(argv=None) -> int:
     os.makedirs(root, exist_ok=True)
     rng = random.Random(args.seed)
     os.environ.setdefault("JAX_PLATFORMS", "cpu")  # This process only reads CPU runs' checkpoints.
+    from msff_jax import cuda_plugin
+
+    cuda_plugin.quiet_start()  # Without the plugin's driver notices.
     from data_pipeline.conversion import digits
     from msff_jax import console
 
