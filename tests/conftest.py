@@ -33,3 +33,20 @@ cuda_plugin.quiet_start()
 import jax  # noqa: E402
 
 assert jax.device_count() == 8, "XLA_FLAGS from the environment overrides the 8 simulated devices"
+
+# Files with a minute or more of tests on the 2-core machine, longest first. They run
+# first, so that under `-n 2 --dist loadfile` (the README's command) no long file starts
+# last and runs alone while the other worker idles; the order within each file, and of
+# the other files, is kept.
+LONG_FILES_FIRST = (
+    "test_workdir_lock.py", "test_resume.py", "test_distributed_preemption.py",
+    "test_gpu_scripts.py", "test_digits.py", "test_study.py", "test_flat_update.py",
+    "test_speed_options.py", "test_batch_norm.py", "test_train_steps.py",
+    "test_checkpoint_files.py", "test_plan.py", "test_distributed.py", "test_console.py",
+    "test_catalogue_training.py", "test_save_failures.py", "test_benchmark.py",
+)
+
+
+def pytest_collection_modifyitems(session, config, items):
+    rank = {name: i for i, name in enumerate(LONG_FILES_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))
