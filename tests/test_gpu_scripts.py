@@ -237,6 +237,13 @@ def test_targets_give_verdicts_with_figures():
     assert lines[1].startswith("- MSFF-EComNet JAX train > JAX ResNet-50: FAIL")
     assert "not measured" in lines[2]
     assert lines[3].startswith("- msff_ecomnet JAX inference no slower than fastest PyTorch: FAIL")
+    # Rows measured on a CPU (the rehearsal) keep their figures but get no verdict.
+    rehearsal = gpu_probe.targets(results, verdicts=False)
+    assert rehearsal[0].startswith("- MSFF-EComNet JAX train >= 1.1x fastest PyTorch twin: no verdict "
+                                   "(not a GPU): 3,400.0 (jax:msff:unaligned)")
+    assert not any("PASS" in line or "FAIL" in line for line in rehearsal)
+    table = gpu_probe.render(results, list(gpu_probe.PLAN), {"platform": "cpu"}, argparse.Namespace(tiny=True))
+    assert "PASS" not in table and "no verdict (not a GPU)" in table
 
 
 def test_plan_figures_of_a_gpu_row_come_from_its_own_compiled_step():
