@@ -46,15 +46,13 @@ PIPELINES = ("grain_cv2", "grain_pil", "tfdata")
 def _tree_cpu_seconds(root_pid: int) -> tuple[float, float]:
     """user+system seconds of `root_pid` alone and with its live descendants (Linux
     /proc): a large share in the root process would cap scaling with more workers."""
+    from data_pipeline.records.worker_lifetime import stat_fields
+
     ticks = os.sysconf("SC_CLK_TCK")
     parents, cpu = {}, {}
     for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat") as f:
-                fields = f.read().rsplit(")", 1)[1].split()
-        except OSError:
+        fields = stat_fields(entry) if entry.isdigit() else None
+        if not fields:
             continue
         pid = int(entry)
         parents[pid] = int(fields[1])

@@ -110,16 +110,12 @@ def _run(config_path, workdir, env, log_path) -> tuple[int, str, float]:
 
 def _group_left(pgid: int) -> list[int]:
     """Processes still running (zombies aside) in process group `pgid`."""
+    from data_pipeline.records.worker_lifetime import stat_fields
+
     left = []
     for name in os.listdir("/proc"):
-        if not name.isdigit():
-            continue
-        try:
-            with open(f"/proc/{name}/stat") as f:
-                fields = f.read().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        if int(fields[2]) == pgid and fields[0] != "Z":
+        fields = stat_fields(name) if name.isdigit() else None
+        if fields and int(fields[2]) == pgid and fields[0] != "Z":
             left.append(int(name))
     return left
 

@@ -40,15 +40,22 @@ SHM_PREFIX = "psm_msff_"
 WATCH_INTERVAL_SECS = 0.5
 
 
-def _start_time(pid: int) -> int | None:
-    """The process's start time in clock ticks since boot (Linux), or None."""
+def stat_fields(pid: int | str) -> list[str] | None:
+    """Fields 3 onward of /proc/PID/stat (state, parent pid, process group, ...; index
+    i is field i + 3), or None when the process is gone or this is not Linux. The
+    command name (field 2, in parentheses) may hold spaces, so the split starts after
+    its closing parenthesis."""
     try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            stat = f.read()
-    except OSError:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
         return None
-    # Field 22; the command name (field 2, in parentheses) may hold spaces.
-    return int(stat[stat.rindex(b")") + 2:].split()[19])
+
+
+def _start_time(pid: int) -> int | None:
+    """The process's start time in clock ticks since boot (field 22), or None."""
+    fields = stat_fields(pid)
+    return int(fields[19]) if fields else None
 
 
 def _pid_namespace() -> int | None:
